@@ -1,0 +1,133 @@
+//! The host end of virtio-net: a TAP interface opened through /dev/net/tun, non-blocking,
+//! with a 12-byte virtio-net header (virtio 1.x layout, with `num_buffers`) on every frame.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use super::{NetError, VNET_HDR_LEN};
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;
+
+/// An open TAP interface.
+#[derive(Debug)]
+pub(super) struct Tap {
+    file: File,
+    name: String,
+}
+
+impl Tap {
+    /// Opens (creating it if missing) the TAP interface `name`.
+    pub(super) fn open(name: &str) -> Result<Tap, NetError> {
+        validate_name(name)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|source| NetError::OpenTun { source })?;
+
+        // SAFETY: `ifreq` is a plain C struct (name array plus a union of plain fields);
+        // all-zero is a valid value of it.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+        // SAFETY: TUNSETIFF reads and writes one `ifreq`, which outlives the call; the name
+        // is NUL-terminated because it is at most IFNAMSIZ - 1 bytes of a zeroed array.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
+        if ret < 0 {
+            return Err(NetError::CreateTap {
+                name: name.to_owned(),
+                source: io::Error::last_os_error(),
+            });
+        }
+
+        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one c_int, which outlives the call.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
+        if ret < 0 {
+            return Err(NetError::VnetHeader {
+                name: name.to_owned(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Tap {
+            file,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Tells the kernel which offloads the guest accepts on frames it receives
+    /// (`TUN_F_*` bits).
+    pub(super) fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
+        let ret = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The interface name.
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one frame (with its vnet header); `WouldBlock` when none is queued.
+    pub(super) fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.file).read(buf)
+    }
+
+    /// Writes one frame (with its vnet header).
+    pub(super) fn write_frame(&self, buf: &[u8]) -> io::Result<usize> {
+        (&self.file).write(buf)
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), NetError> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if valid {
+        Ok(())
+    } else {
+        Err(NetError::TapName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_are_checked() {
+        assert!(validate_name("tap0").is_ok());
+        assert!(validate_name("hospes-web-0123").is_ok());
+        for bad in ["", "hospes-web-01234", "a/b", "a b", "..", "x:y", "t\u{e9}"] {
+            let err = validate_name(bad).unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+}
