@@ -27,6 +27,26 @@ enum Command {
         /// The service spec (TOML).
         spec: PathBuf,
     },
+    /// Benchmarks in the nested test rig (benches/): print figures, never pass or fail.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Boot time and memory beyond guest RAM, hospes vs QEMU (HOSPES_BENCH_RUNS, default 5).
+    Boot,
+    /// Disk, network and CPU: native vs the guest under hospes vs under QEMU; a markdown
+    /// table and PNG charts (HOSPES_BENCH_RUNS, default 5). Needs `hospes-iotool` next to
+    /// this binary (`cargo build --release -p hospes-bench --bin hospes-iotool`) or in
+    /// HOSPES_IOTOOL.
+    Io {
+        /// Directory for the PNG charts.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +57,15 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    if let Command::Bench { which } = cli.command {
+        return match bench(which) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hospes bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -49,8 +78,49 @@ fn main() -> ExitCode {
     }
 }
 
+fn bench(which: BenchCommand) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let hospes = std::env::current_exe().context("cannot find the running hospes binary")?;
+    let runs = std::env::var("HOSPES_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let mut progress = |line: &str| eprintln!("{line}");
+    match which {
+        BenchCommand::Boot => {
+            let report = bench::boot::run(&hospes, runs.unwrap_or(5), &mut progress)?;
+            println!("\n{}", report.markdown());
+        }
+        BenchCommand::Io { out } => {
+            let iotool = match std::env::var_os("HOSPES_IOTOOL") {
+                Some(p) => PathBuf::from(p),
+                None => hospes.with_file_name("hospes-iotool"),
+            };
+            anyhow::ensure!(
+                iotool.is_file(),
+                "no I/O tool at {}: build it with `cargo build --release -p hospes-bench --bin hospes-iotool` \
+                 (into the same target directory as hospes) or set HOSPES_IOTOOL",
+                iotool.display()
+            );
+            let mut params = bench::io::IoParams::default();
+            if let Some(runs) = runs {
+                params.runs = runs;
+            }
+            let report = bench::io::run(&hospes, &iotool, &out, &params, &mut progress)?;
+            println!("\n{}", report.markdown());
+            for log in &report.failure_logs {
+                eprintln!("\n{log}");
+            }
+            for chart in &report.charts {
+                println!("chart: {}", chart.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(command: Command) -> Result<ExitCode, VmmError> {
     match command {
+        Command::Bench { .. } => unreachable!("handled in main"),
         Command::Check { spec } => {
             let s = vmm::spec::load(&spec)?;
             println!(
@@ -66,6 +136,7 @@ fn run(command: Command) -> Result<ExitCode, VmmError> {
         }
         Command::Run { spec } => {
             let s = vmm::spec::load(&spec)?;
+            vmm::vm::check_host()?;
             let files = vmm::vm::boot_files(&s)?;
             let outcome = vmm::vm::run(&s, &files)?;
             match outcome {

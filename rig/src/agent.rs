@@ -96,11 +96,14 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Standard base64 with padding, no line breaks (what busybox `base64 -d` reads).
 pub fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -184,7 +187,10 @@ mod tests {
 
     #[test]
     fn ready_line() {
-        assert_eq!(parse_ready(b"junk@@rig-ready kvm=1 npt=0@@\n"), Some((true, false)));
+        assert_eq!(
+            parse_ready(b"junk@@rig-ready kvm=1 npt=0@@\n"),
+            Some((true, false))
+        );
         assert_eq!(parse_ready(b"@@rig-ready kvm=1 npt=1@"), None);
     }
 }

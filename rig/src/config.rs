@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::RigError;
+
 /// Where a host file goes in L2.
 #[derive(Clone, Debug)]
 pub(crate) struct FileSpec {
@@ -136,20 +138,37 @@ impl RigConfig {
 }
 
 impl NetConfig {
-    /// The two ends of one link: (192.0.2.1/24 receiving on `port`, 192.0.2.2/24 on
-    /// `port + 1`).
-    pub fn pair(port: u16) -> (NetConfig, NetConfig) {
+    /// The two ends of one link: 192.0.2.1/24 receiving on UDP port `a`, 192.0.2.2/24
+    /// receiving on `b`.
+    pub fn pair(a: u16, b: u16) -> (NetConfig, NetConfig) {
         (
             NetConfig {
                 ip: "192.0.2.1/24".into(),
-                local_port: port,
-                peer_port: port + 1,
+                local_port: a,
+                peer_port: b,
             },
             NetConfig {
                 ip: "192.0.2.2/24".into(),
-                local_port: port + 1,
-                peer_port: port,
+                local_port: b,
+                peer_port: a,
             },
         )
+    }
+
+    /// [`NetConfig::pair`] on two UDP ports of 127.0.0.1 that are free right now.
+    pub fn free_pair() -> Result<(NetConfig, NetConfig), RigError> {
+        let port = || -> Result<(std::net::UdpSocket, u16), RigError> {
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+                .map_err(|e| RigError::io("udp 127.0.0.1:0", e))?;
+            let port = sock
+                .local_addr()
+                .map_err(|e| RigError::io("udp 127.0.0.1:0", e))?
+                .port();
+            Ok((sock, port))
+        };
+        // Both held at once so they differ; released for QEMU to bind.
+        let (_a, a) = port()?;
+        let (_b, b) = port()?;
+        Ok(NetConfig::pair(a, b))
     }
 }

@@ -76,7 +76,10 @@ impl<W: Write> CpioWriter<W> {
         let len = u32::try_from(data.len()).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{path}: {} bytes is too large for a newc cpio entry", data.len()),
+                format!(
+                    "{path}: {} bytes is too large for a newc cpio entry",
+                    data.len()
+                ),
             )
         })?;
         let nlink = if mode & S_IFDIR == S_IFDIR { 2 } else { 1 };
@@ -146,7 +149,9 @@ mod tests {
             let mode = field(1) as u32;
             let size = field(6);
             let namesize = field(11);
-            let name = std::str::from_utf8(&buf[110..110 + namesize - 1]).unwrap().to_string();
+            let name = std::str::from_utf8(&buf[110..110 + namesize - 1])
+                .unwrap()
+                .to_string();
             assert_eq!(buf[110 + namesize - 1], 0);
             let data_start = (110 + namesize).next_multiple_of(4);
             let data = buf[data_start..data_start + size].to_vec();
@@ -174,7 +179,15 @@ mod tests {
         let names: Vec<_> = entries.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(
             names,
-            ["usr", "usr/local", "usr/local/bin", "usr/local/bin/tool", "bin", "bin/sh", "a"]
+            [
+                "usr",
+                "usr/local",
+                "usr/local/bin",
+                "usr/local/bin/tool",
+                "bin",
+                "bin/sh",
+                "a"
+            ]
         );
         assert_eq!(entries[3].1, 0o100_755);
         assert_eq!(entries[3].2, b"12345");

@@ -32,7 +32,11 @@ pub fn run(cmd: &mut Command) -> Result<String, RigError> {
     if !out.status.success() {
         return Err(RigError::HostCommand {
             command,
-            detail: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -81,7 +85,14 @@ pub fn shared_libs(bin: &Path) -> Result<Vec<PathBuf>, RigError> {
             detail: e.to_string(),
         })?;
     // ldd exits 1 for static binaries ("not a dynamic executable").
-    Ok(parse_ldd(&String::from_utf8_lossy(&out.stdout)))
+    let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(missing) = text.lines().find(|l| l.contains("=> not found")) {
+        return Err(RigError::HostCommand {
+            command: format!("ldd {}", bin.display()),
+            detail: format!("a library is missing on the host: {}", missing.trim()),
+        });
+    }
+    Ok(parse_ldd(&text))
 }
 
 /// Lines look like `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)`,

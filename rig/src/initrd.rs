@@ -3,8 +3,8 @@
 //! `${XDG_CACHE_HOME:-~/.cache}/hospes/rig/`, so tests and runs with the same inputs
 //! build it once (files are keyed by path, size and mtime, not re-read).
 
-use std::collections::BTreeMap;
 use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeMap;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::BufWriter;
@@ -52,6 +52,8 @@ const QEMU_DATA: &[&str] = &[
 ];
 /// Archives unused for this long are deleted when another one is written.
 const CACHE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// At most this many archives stay cached (with qemu, one is ~70 MB).
+const CACHE_KEEP: usize = 6;
 
 /// Where an archive entry's bytes come from.
 enum Source {
@@ -113,17 +115,21 @@ fn cache_dir() -> Result<PathBuf, RigError> {
     Ok(dir)
 }
 
+/// Keeps the newest [`CACHE_KEEP`] archives that were used within [`CACHE_MAX_AGE`].
+/// QEMU reads its -initrd whole at startup, so removing an archive of a running L2 is
+/// harmless.
 fn prune(dir: &Path) {
     let Ok(list) = fs::read_dir(dir) else { return };
-    for entry in list.flatten() {
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > CACHE_MAX_AGE);
-        if old && entry.file_name().to_string_lossy().starts_with("l2-") {
-            let _ = fs::remove_file(entry.path());
+    let mut archives: Vec<(SystemTime, PathBuf)> = list
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("l2-"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    archives.sort_by_key(|a| std::cmp::Reverse(a.0));
+    for (i, (modified, path)) in archives.iter().enumerate() {
+        let old = modified.elapsed().is_ok_and(|age| age > CACHE_MAX_AGE);
+        if old || i >= CACHE_KEEP {
+            let _ = fs::remove_file(path);
         }
     }
 }
@@ -138,7 +144,10 @@ fn entries(cfg: &RigConfig, guest: &Path) -> Result<BTreeMap<String, Entry>, Rig
     let host_file = |p: &Path| -> Result<Entry, RigError> {
         let meta = fs::metadata(p).map_err(|e| RigError::io(p, e))?;
         if !meta.is_file() {
-            return Err(RigError::Config(format!("{} is not a regular file", p.display())));
+            return Err(RigError::Config(format!(
+                "{} is not a regular file",
+                p.display()
+            )));
         }
         Ok(Entry {
             source: Source::Host(p.to_path_buf()),
@@ -149,7 +158,10 @@ fn entries(cfg: &RigConfig, guest: &Path) -> Result<BTreeMap<String, Entry>, Rig
     out.insert("init".into(), text(L2_INIT, 0o755));
     out.insert("rig/agent.sh".into(), text(L2_AGENT, 0o755));
     out.insert("bin/busybox".into(), host_file(&guest.join("busybox"))?);
-    out.insert("etc/passwd".into(), text("root:x:0:0:root:/root:/bin/sh\n", 0o644));
+    out.insert(
+        "etc/passwd".into(),
+        text("root:x:0:0:root:/root:/bin/sh\n", 0o644),
+    );
     out.insert("etc/group".into(), text("root:x:0:\nkvm:x:104:\n", 0o644));
     out.insert("etc/hosts".into(), text("127.0.0.1 localhost\n", 0o644));
 
@@ -160,7 +172,11 @@ fn entries(cfg: &RigConfig, guest: &Path) -> Result<BTreeMap<String, Entry>, Rig
     names.extend(cfg.extra_modules.iter().cloned());
     let mut order = String::new();
     for ko in tree.load_order(&names)? {
-        let file = ko.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let file = ko
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         order.push_str(&file);
         order.push('\n');
         out.insert(format!("lib/modules/rig/{file}"), host_file(&ko)?);

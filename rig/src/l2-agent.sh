@@ -7,7 +7,14 @@
 # it will show up in the output of whatever command runs when they write. On timeout
 # the watchdog SIGKILLs the command's whole process group (its background children
 # included, unless they started their own session) and the agent goes on.
+# Each command writes to a fresh open of the tty, so flags it sets on its stdout
+# (O_NONBLOCK, as QEMU's stdio chardev does) never reach the agent's own descriptor.
+#
+# No child may exit while `read` waits: ash restarts `read` after a SIGCHLD and drops
+# the bytes of the line it had read so far. So every child is reaped before reading.
+# The agent's own stderr (e.g. ash's "Killed" job notices) is discarded.
 stty raw -echo
+exec 2>/dev/null
 printf '@@rig-ready kvm=%s npt=%s@@\n' "$RIG_KVM" "$RIG_NPT"
 while IFS= read -r line; do
 	nonce=${line%% *}
@@ -15,7 +22,7 @@ while IFS= read -r line; do
 	secs=${rest%% *}
 	script=$(printf '%s' "${rest#* }" | base64 -d)
 	cd /work
-	setsid sh -c "$script" </dev/null &
+	setsid sh -c "$script" </dev/null >/dev/ttyS1 2>&1 &
 	pid=$!
 	setsid sh -c "sleep $secs; touch /run/rig-timeout.$nonce; kill -KILL -$pid" \
 		</dev/null >/dev/null 2>&1 &
@@ -23,7 +30,8 @@ while IFS= read -r line; do
 	wait "$pid"
 	status=$?
 	# By pid too: the watchdog may not have called setsid yet.
-	kill -KILL -"$dog" "$dog" 2>/dev/null
+	kill -KILL -"$dog" "$dog"
+	wait "$dog"
 	timed_out=0
 	if [ -e "/run/rig-timeout.$nonce" ]; then
 		timed_out=1

@@ -56,6 +56,7 @@ pub struct L2 {
     chunks: Receiver<Vec<u8>>,
     agent_lost: bool,
     boot_time: Duration,
+    nested_paging: bool,
 }
 
 impl L2 {
@@ -103,9 +104,12 @@ impl L2 {
             let f = fs::File::create(&img).map_err(|e| RigError::io(&img, e))?;
             f.set_len(mib << 20).map_err(|e| RigError::io(&img, e))?;
             let mkfs = host::ensure_tool("mkfs.ext4", "e2fsprogs")?;
-            host::run(Command::new(mkfs).args(["-q", "-F", "-E"]).arg(
-                "lazy_itable_init=0,lazy_journal_init=0",
-            ).arg(&img))?;
+            host::run(
+                Command::new(mkfs)
+                    .args(["-q", "-F", "-E"])
+                    .arg("lazy_itable_init=0,lazy_journal_init=0")
+                    .arg(&img),
+            )?;
             args.push("-drive".into());
             args.push(format!(
                 "file={},if=none,id=disk0,format=raw,cache=unsafe",
@@ -156,10 +160,13 @@ impl L2 {
             watcher,
             watcher_stdin,
             dir,
-            channel: UnixStream::pair().map_err(|e| RigError::io("socketpair", e))?.0,
+            channel: UnixStream::pair()
+                .map_err(|e| RigError::io("socketpair", e))?
+                .0,
             chunks,
             agent_lost: false,
             boot_time: Duration::ZERO,
+            nested_paging: false,
         };
         l2.channel = l2.accept(&listener, start + cfg.boot_timeout, cfg.boot_timeout)?;
         let mut reader = l2.channel.try_clone().map_err(|e| RigError::io(&sock, e))?;
@@ -183,6 +190,7 @@ impl L2 {
             });
         }
         l2.boot_time = start.elapsed();
+        l2.nested_paging = npt;
         Ok(l2)
     }
 
@@ -201,7 +209,7 @@ impl L2 {
     }
 
     /// [`L2::run`], passing output to `sink` as it arrives; returns the exit status.
-    /// On timeout, the error's `partial` holds what `sink` was not given yet.
+    /// On timeout, the error's `partial` repeats all output seen (already given to `sink`).
     pub fn run_with(
         &mut self,
         script: &str,
@@ -281,6 +289,12 @@ impl L2 {
         self.boot_time
     }
 
+    /// Whether L2's kvm_amd reported "Nested Paging enabled" (without it, KVM in L2
+    /// works but is much slower).
+    pub fn nested_paging(&self) -> bool {
+        self.nested_paging
+    }
+
     fn console_tail(&self) -> String {
         let log = self.console_log();
         let lines: Vec<&str> = log.lines().collect();
@@ -340,7 +354,11 @@ impl L2 {
         }
     }
 
-    fn wait_ready(&mut self, deadline: Instant, timeout: Duration) -> Result<(bool, bool), RigError> {
+    fn wait_ready(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(bool, bool), RigError> {
         let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use rig::{RigConfig, RigError, L2};
 
-const USAGE: &str = "usage: rig exec [--cpus N] [--memory-mib M] [--disk-mib D] [--timeout SECS] [--qemu]
+const USAGE: &str =
+    "usage: rig exec [--cpus N] [--memory-mib M] [--disk-mib D] [--timeout SECS] [--qemu]
                 [--bin HOST:L2PATH]... [--file HOST:L2PATH]... [--module NAME]... -- 'script'
 
 Boots L2 (Linux under QEMU TCG with a nested /dev/kvm), runs the script there with
@@ -50,9 +51,7 @@ fn parse(args: &[String]) -> Result<(RigConfig, Duration, String), String> {
             cfg = cfg.add_qemu();
             continue;
         }
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value"))?;
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let number = || {
             value
                 .parse::<u64>()

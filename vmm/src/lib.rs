@@ -72,6 +72,14 @@ pub enum VmmError {
     /// Setting vCPU registers failed.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
+    /// A device could not be set up from the spec.
+    #[error("device {id}: {reason}")]
+    Device {
+        /// The device id from the spec.
+        id: String,
+        /// What failed, with the offending value.
+        reason: String,
+    },
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),

@@ -244,7 +244,7 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
 pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
     let loc = Locator { file, text };
     let raw: RawSpec = toml::from_str(text).map_err(|e| {
-        let message = e.message().trim().to_string();
+        let message = e.message().trim().replace("expected i64", "expected an integer");
         loc.error(e.span(), "", message)
     })?;
     let dir = file.parent().unwrap_or(Path::new("/"));
@@ -271,6 +271,16 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
             }
             if let Some(bad) = s.chars().find(|ch| !(' '..='~').contains(ch)) {
                 return Err(loc.error(Some(c.span()), "boot.cmdline", format!("cmdline has the character {bad:?}; only printable ASCII is allowed")));
+            }
+            if let Some(n) = init_args(s).filter(|n| *n > MAX_INIT_ARGS) {
+                return Err(loc.error(
+                    Some(c.span()),
+                    "boot.cmdline",
+                    format!(
+                        "{n} words follow \"--\"; the kernel passes at most {MAX_INIT_ARGS} to init and panics beyond that: \
+                         wrap the command in double quotes, -- \"cmd; cmd\""
+                    ),
+                ));
             }
             s.trim().to_string()
         }
@@ -323,6 +333,32 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
         nets,
         api_socket,
     })
+}
+
+/// Arguments the kernel hands to init (its MAX_INIT_ARGS, less init's own name).
+const MAX_INIT_ARGS: usize = 31;
+
+/// How many arguments follow `--` in a command line, split as the kernel splits them
+/// (whitespace, with double quotes grouping); `None` when there is no `--`.
+fn init_args(cmdline: &str) -> Option<usize> {
+    let rest = if let Some(r) = cmdline.strip_prefix("-- ") {
+        r
+    } else {
+        cmdline.split_once(" -- ").map(|(_, r)| r)?
+    };
+    let (mut count, mut in_word, mut quoted) = (0, false, false);
+    for c in rest.chars() {
+        if c == '"' {
+            quoted = !quoted;
+        }
+        if c.is_whitespace() && !quoted {
+            in_word = false;
+        } else if !in_word {
+            in_word = true;
+            count += 1;
+        }
+    }
+    Some(count)
 }
 
 fn valid_name(s: &str, max: usize) -> bool {
@@ -433,6 +469,18 @@ mod tests {
 
         let e = err("[service]\nname = \"x\"\n[machine\n");
         assert_eq!(e.line, 3, "{e}");
+    }
+
+    #[test]
+    fn too_many_init_words_are_refused_unless_quoted() {
+        let long = (0..40).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+        let e = err(&format!("[service]\nname = \"x\"\n[boot]\ncmdline = \"quiet -- {long}\"\n"));
+        assert_eq!(e.key, "boot.cmdline");
+        assert!(e.message.contains("40 words"), "{e}");
+        let quoted = format!("[service]\nname = \"x\"\n[boot]\ncmdline = 'quiet -- \"{long}\"'\n");
+        assert!(check(&quoted).is_ok());
+        assert_eq!(init_args("a b"), None);
+        assert_eq!(init_args("-- a \"b c\"  d"), Some(3));
     }
 
     #[test]

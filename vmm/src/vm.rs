@@ -27,7 +27,10 @@ use kvm_ioctls::{Cap, Kvm};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::acpi::{self, AcpiMachine};
+use devices::virtio::{self, Block, BlockConfig, MmioTransport, Net};
+use kvm_ioctls::IoEventAddress;
+
+use crate::acpi::{self, AcpiMachine, VirtioMmioSlot};
 use crate::boot::{self, BootSource};
 use crate::bus::{lock, Bus};
 use crate::layout::*;
@@ -217,12 +220,61 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 
+/// Refuses hosts whose KVM cannot run stock kernels (no vmx/svm), with the way out.
+pub fn check_host() -> Result<(), VmmError> {
+    if host_has_hardware_virtualization() {
+        Ok(())
+    } else {
+        Err(VmmError::NoHardwareVirtualization)
+    }
+}
+
+/// The spec's virtio devices, in guest order: drives (vda, vdb, ...) then networks.
+fn virtio_devices(spec: &Spec) -> Result<Vec<Box<dyn virtio::VirtioDevice + Send>>, VmmError> {
+    let mut out: Vec<Box<dyn virtio::VirtioDevice + Send>> = Vec::new();
+    for d in &spec.drives {
+        let cache = match d.cache {
+            crate::spec::CacheMode::Writeback => virtio::CacheMode::Writeback,
+            crate::spec::CacheMode::None => virtio::CacheMode::None,
+        };
+        let config = BlockConfig { id: d.id.clone(), path: d.path.clone(), read_only: d.read_only, cache };
+        out.push(Box::new(Block::new(config).map_err(|e| VmmError::Device { id: d.id.clone(), reason: e.to_string() })?));
+    }
+    for n in &spec.nets {
+        let mac = n.mac.unwrap_or_else(|| virtio::mac_from_name(&spec.name, &n.id));
+        let config = virtio::NetConfig { id: n.id.clone(), tap: n.tap.clone(), mac };
+        out.push(Box::new(Net::new(config).map_err(|e| VmmError::Device { id: n.id.clone(), reason: e.to_string() })?));
+    }
+    Ok(out)
+}
+
+/// Puts one virtio device behind a virtio-mmio window: its interrupt becomes an irqfd on
+/// the slot's GSI and each queue's notification an ioeventfd on QueueNotify matching the
+/// queue index, so neither ever leaves the kernel through the vCPU thread.
+fn attach_virtio(
+    vm: &kvm_ioctls::VmFd,
+    mem: &devices::GuestMemoryMmap,
+    mmio: &mut Bus,
+    slot: VirtioMmioSlot,
+    device: Box<dyn virtio::VirtioDevice + Send>,
+) -> Result<Arc<Mutex<MmioTransport>>, VmmError> {
+    let irq = eventfd("virtio interrupt")?;
+    vm.register_irqfd(&irq, slot.gsi).map_err(kvm_err("KVM_IRQFD for a virtio device"))?;
+    let transport = MmioTransport::new(mem.clone(), device, irq)
+        .map_err(|e| VmmError::Device { id: format!("virtio-mmio@{:#x}", slot.base), reason: e.to_string() })?;
+    let notify = IoEventAddress::Mmio(slot.base + virtio::mmio::REG_QUEUE_NOTIFY);
+    for (index, evt) in transport.queue_events().iter().enumerate() {
+        vm.register_ioevent(evt, &notify, index as u32).map_err(kvm_err("KVM_IOEVENTFD for a virtio queue"))?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(slot.base, VIRTIO_MMIO_SIZE, transport.clone())?;
+    Ok(transport)
+}
+
 /// Builds the VM for `spec` and runs it until it ends.
 pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
     // 1. KVM and the host.
-    if !host_has_hardware_virtualization() {
-        return Err(VmmError::NoHardwareVirtualization);
-    }
+    check_host()?;
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
     for (cap, name) in [(Cap::Irqchip, "irqchip"), (Cap::Irqfd, "irqfd"), (Cap::Ioeventfd, "ioeventfd"), (Cap::UserMemory, "user memory")] {
         if !kvm.check_extension(cap) {
@@ -245,7 +297,7 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
     let poweroff = eventfd("power-off event")?;
     let reset = eventfd("reset event")?;
     let mut pio = Bus::default();
-    let mmio = Bus::default();
+    let mut mmio = Bus::default();
     let serial_irq = eventfd("COM1 interrupt")?;
     vm.register_irqfd(&serial_irq, COM1_GSI).map_err(kvm_err("KVM_IRQFD for COM1"))?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, SerialOutput(Box::new(io::stdout())))));
@@ -253,7 +305,14 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
     let clone = |e: &EventFd| e.try_clone().map_err(|source| VmmError::Io { what: "eventfd clone", source });
     pio.insert(u64::from(I8042_PORT), 5, Arc::new(Mutex::new(I8042::new(clone(&reset)?))))?;
     pio.insert(u64::from(ACPI_POWER_PORT), 1, Arc::new(Mutex::new(AcpiPower::new(clone(&poweroff)?, clone(&reset)?))))?;
-    let machine = AcpiMachine { vcpus: spec.vcpus, virtio: Vec::new() };
+    let virtio_devices = virtio_devices(spec)?;
+    let mut machine = AcpiMachine { vcpus: spec.vcpus, virtio: Vec::new() };
+    let mut transports = Vec::new();
+    for (i, device) in virtio_devices.into_iter().enumerate() {
+        let slot = VirtioMmioSlot { base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE, gsi: VIRTIO_GSI_START + i as u32 };
+        transports.push(attach_virtio(&vm, &mem, &mut mmio, slot, device)?);
+        machine.virtio.push(slot);
+    }
 
     // 6. Boot memory and ACPI.
     let cmdline = if spec.cmdline.is_empty() { BASE_CMDLINE.to_string() } else { format!("{BASE_CMDLINE} {}", spec.cmdline) };
@@ -287,6 +346,9 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(supervisor.clone());
+    for transport in transports {
+        events.add_subscriber(transport);
+    }
     let _raw_terminal = if terminal::stdin_is_terminal() {
         events.add_subscriber(Arc::new(Mutex::new(ConsoleInput { serial: serial.clone() })));
         terminal::RawMode::enter().ok()

@@ -171,7 +171,10 @@ impl<'m> TestDriver<'m> {
             self.setup_queue(i, size);
         }
         self.write(0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
-        assert_eq!(self.read(0x70), ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        assert_eq!(
+            self.read(0x70),
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
+        );
     }
 
     /// Posts one chain of `bufs` on queue `q`; returns its head index.
@@ -255,7 +258,10 @@ impl TempFile {
     pub(crate) fn new_in(dir: &Path, contents: &[u8]) -> TempFile {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!("hospes-devices-test-{}-{n}.img", std::process::id()));
+        let path = dir.join(format!(
+            "hospes-devices-test-{}-{n}.img",
+            std::process::id()
+        ));
         std::fs::write(&path, contents).unwrap();
         TempFile { path }
     }

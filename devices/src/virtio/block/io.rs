@@ -126,7 +126,10 @@ impl BlockIo {
 }
 
 /// The guest memory behind `data`, split at memory region boundaries.
-fn guest_slices<'m>(mem: &'m GuestMemoryMmap, data: &[Descriptor]) -> io::Result<Vec<GuestSlice<'m>>> {
+fn guest_slices<'m>(
+    mem: &'m GuestMemoryMmap,
+    data: &[Descriptor],
+) -> io::Result<Vec<GuestSlice<'m>>> {
     let mut slices = Vec::with_capacity(data.len());
     for d in data {
         for slice in GuestMemoryBackend::get_slices(mem, d.addr(), d.len() as usize) {
@@ -138,9 +141,9 @@ fn guest_slices<'m>(mem: &'m GuestMemoryMmap, data: &[Descriptor]) -> io::Result
 
 fn all_aligned(slices: &[GuestSlice<'_>]) -> bool {
     let align = SECTOR_SIZE as usize;
-    slices
-        .iter()
-        .all(|s| s.len().is_multiple_of(align) && (s.ptr_guard().as_ptr() as usize).is_multiple_of(align))
+    slices.iter().all(|s| {
+        s.len().is_multiple_of(align) && (s.ptr_guard().as_ptr() as usize).is_multiple_of(align)
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

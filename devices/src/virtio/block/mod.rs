@@ -275,15 +275,33 @@ impl Block {
         let result = match request.kind {
             RequestKind::In => self
                 .io
-                .read(&self.file, self.direct, mem, request.data, offset, request.data_len)
+                .read(
+                    &self.file,
+                    self.direct,
+                    mem,
+                    request.data,
+                    offset,
+                    request.data_len,
+                )
                 .map(|()| request.data_len as u32),
             RequestKind::Out if self.read_only => {
-                warn_limited!(self.warn, "guest wrote to read-only disk at sector {}", request.sector);
+                warn_limited!(
+                    self.warn,
+                    "guest wrote to read-only disk at sector {}",
+                    request.sector
+                );
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
             RequestKind::Out => self
                 .io
-                .write(&self.file, self.direct, mem, request.data, offset, request.data_len)
+                .write(
+                    &self.file,
+                    self.direct,
+                    mem,
+                    request.data,
+                    offset,
+                    request.data_len,
+                )
                 .map(|()| 0),
             RequestKind::Flush if self.read_only => Ok(0),
             RequestKind::Flush => self.file.sync_data().map(|()| 0),
@@ -377,7 +395,9 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(CONFIG_LEN);
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(CONFIG_LEN);
         let end = start.saturating_add(data.len()).min(CONFIG_LEN);
         data[..end - start].copy_from_slice(&self.config[start..end]);
     }

@@ -43,7 +43,10 @@ pub(super) enum ParseError {
     /// No status byte can be written: the chain cannot be completed properly.
     NoStatus(&'static str),
     /// The status byte is usable; the request fails with VIRTIO_BLK_S_IOERR.
-    Invalid { status: GuestAddress, reason: String },
+    Invalid {
+        status: GuestAddress,
+        reason: String,
+    },
 }
 
 /// Parses `descs` (a complete chain, see `chain::collect`) against a disk of
@@ -60,7 +63,9 @@ pub(super) fn parse<'a>(
         return Err(invalid("the chain has no request header".into()));
     };
     if header.is_write_only() {
-        return Err(invalid("the request header descriptor is device-writable".into()));
+        return Err(invalid(
+            "the request header descriptor is device-writable".into(),
+        ));
     }
     if header.len() < HEADER_LEN {
         return Err(invalid(format!(
@@ -111,7 +116,11 @@ pub(super) fn parse<'a>(
             return Err(invalid(format!(
                 "{kind:?} data descriptor at {:#x} is {}",
                 d.addr().0,
-                if d.is_write_only() { "device-writable" } else { "read-only" }
+                if d.is_write_only() {
+                    "device-writable"
+                } else {
+                    "read-only"
+                }
             )));
         }
         if !in_memory(mem, d.addr(), d.len()) {

@@ -27,7 +27,9 @@ const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 fn image() -> TempFile {
-    let contents: Vec<u8> = (0..DISK_SECTORS * SECTOR_SIZE).map(|i| (i / 512) as u8).collect();
+    let contents: Vec<u8> = (0..DISK_SECTORS * SECTOR_SIZE)
+        .map(|i| (i / 512) as u8)
+        .collect();
     TempFile::new(&contents)
 }
 
@@ -48,7 +50,9 @@ fn up<'m>(mem: &'m GuestMemoryMmap, block: Block) -> TestDriver<'m> {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+        .collect()
 }
 
 /// Posts a request with `data` buffers between header and status, processes it, and
@@ -66,7 +70,11 @@ fn raw_request(d: &mut TestDriver<'_>, kind: u32, sector: u64, chain: &[Buf]) ->
     let before = d.used_idx(0);
     d.add_chain(0, chain);
     d.process(0);
-    assert_eq!(d.used_idx(0), before.wrapping_add(1), "request not completed");
+    assert_eq!(
+        d.used_idx(0),
+        before.wrapping_add(1),
+        "request not completed"
+    );
     let used = d.used_elem(0, before);
     (d.mem.read_obj(GuestAddress(STATUS)).unwrap(), used.len())
 }
@@ -100,17 +108,24 @@ fn read_write_flush_get_id_round_trip() {
     let data = pattern(1536, 1);
     mem.write_slice(&data[..512], GuestAddress(DATA)).unwrap();
     let straddle = REGION_SIZE - 512;
-    mem.write_slice(&data[512..], GuestAddress(straddle)).unwrap();
+    mem.write_slice(&data[512..], GuestAddress(straddle))
+        .unwrap();
     let (status, len) = request(&mut d, T_OUT, 3, &[ro(DATA, 512), ro(straddle, 1024)]);
     assert_eq!((status, len), (S_OK, 1));
     assert_eq!(file_bytes(&img, 3, 1536), data);
 
     // IN into fresh buffers; the VMM's writes must show in the dirty bitmap.
     clear_dirty(&mem);
-    let (status, len) = request(&mut d, T_IN, 3, &[wo(DATA2, 1024), wo(straddle - 4096, 512)]);
+    let (status, len) = request(
+        &mut d,
+        T_IN,
+        3,
+        &[wo(DATA2, 1024), wo(straddle - 4096, 512)],
+    );
     assert_eq!((status, len), (S_OK, 1537));
     let mut back = vec![0u8; 1536];
-    mem.read_slice(&mut back[..1024], GuestAddress(DATA2)).unwrap();
+    mem.read_slice(&mut back[..1024], GuestAddress(DATA2))
+        .unwrap();
     mem.read_slice(&mut back[1024..], GuestAddress(straddle - 4096))
         .unwrap();
     assert_eq!(back, data);
@@ -139,7 +154,10 @@ fn read_write_flush_get_id_round_trip() {
 fn indirect_descriptor_table() {
     let img = image();
     let mem = guest_memory();
-    let mut d = up(&mem, Block::new(config(&img.path, false, CacheMode::Writeback)).unwrap());
+    let mut d = up(
+        &mem,
+        Block::new(config(&img.path, false, CacheMode::Writeback)).unwrap(),
+    );
     let table = DATA_BASE + 0x20_0000;
     let w = VRING_DESC_F_WRITE as u16;
     let n = VRING_DESC_F_NEXT as u16;
@@ -151,7 +169,8 @@ fn indirect_descriptor_table() {
     .into_iter()
     .enumerate()
     {
-        mem.write_obj(raw, GuestAddress(table + 16 * i as u64)).unwrap();
+        mem.write_obj(raw, GuestAddress(table + 16 * i as u64))
+            .unwrap();
     }
     write_header(&mem, T_IN, 5);
     d.add_raw(0, &[desc(table, 48, VRING_DESC_F_INDIRECT as u16, 0)], 0);
@@ -199,7 +218,8 @@ fn read_only_refuses_writes() {
     let block = Block::new(config(&img.path, true, CacheMode::Writeback)).unwrap();
     assert_ne!(block.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
     let mut d = up(&mem, block);
-    mem.write_slice(&pattern(512, 4), GuestAddress(DATA)).unwrap();
+    mem.write_slice(&pattern(512, 4), GuestAddress(DATA))
+        .unwrap();
     assert_eq!(request(&mut d, T_OUT, 0, &[ro(DATA, 512)]), (S_IOERR, 1));
     assert_eq!(std::fs::read(&img.path).unwrap(), original);
     assert_eq!(request(&mut d, T_IN, 1, &[wo(DATA, 512)]), (S_OK, 513));
@@ -215,7 +235,10 @@ fn images_are_locked() {
             .err()
             .expect("second open must fail");
         assert!(matches!(err, BlockError::Locked { .. }));
-        assert!(err.to_string().contains(&*img.path.to_string_lossy()), "{err}");
+        assert!(
+            err.to_string().contains(&*img.path.to_string_lossy()),
+            "{err}"
+        );
     }
     drop(rw);
     let ro1 = Block::new(config(&img.path, true, CacheMode::Writeback)).unwrap();
@@ -231,8 +254,15 @@ fn image_size_must_be_whole_sectors() {
         .err()
         .unwrap();
     let msg = err.to_string();
-    assert!(msg.contains(&*img.path.to_string_lossy()) && msg.contains("1000"), "{msg}");
-    let missing = config(std::path::Path::new("/nonexistent/disk.img"), false, CacheMode::Writeback);
+    assert!(
+        msg.contains(&*img.path.to_string_lossy()) && msg.contains("1000"),
+        "{msg}"
+    );
+    let missing = config(
+        std::path::Path::new("/nonexistent/disk.img"),
+        false,
+        CacheMode::Writeback,
+    );
     let msg = Block::new(missing).err().unwrap().to_string();
     assert!(msg.contains("/nonexistent/disk.img"), "{msg}");
 }
@@ -257,19 +287,67 @@ fn invalid_requests_get_ioerr() {
     let img = image();
     let original = std::fs::read(&img.path).unwrap();
     let mem = guest_memory();
-    let mut d = up(&mem, Block::new(config(&img.path, false, CacheMode::Writeback)).unwrap());
+    let mut d = up(
+        &mem,
+        Block::new(config(&img.path, false, CacheMode::Writeback)).unwrap(),
+    );
     let eight_mib = REGION_SIZE as u32;
     let cases: Vec<(&str, u32, u64, Vec<Buf>)> = vec![
-        ("writable header", T_IN, 0, vec![wo(HDR, 16), wo(DATA, 512), wo(STATUS, 1)]),
-        ("short header", T_IN, 0, vec![ro(HDR, 8), wo(DATA, 512), wo(STATUS, 1)]),
-        ("header outside RAM", T_IN, 0, vec![ro(OUTSIDE, 16), wo(STATUS, 1)]),
+        (
+            "writable header",
+            T_IN,
+            0,
+            vec![wo(HDR, 16), wo(DATA, 512), wo(STATUS, 1)],
+        ),
+        (
+            "short header",
+            T_IN,
+            0,
+            vec![ro(HDR, 8), wo(DATA, 512), wo(STATUS, 1)],
+        ),
+        (
+            "header outside RAM",
+            T_IN,
+            0,
+            vec![ro(OUTSIDE, 16), wo(STATUS, 1)],
+        ),
         ("no header", T_IN, 0, vec![wo(STATUS, 1)]),
-        ("data outside RAM", T_IN, 0, vec![ro(HDR, 16), wo(OUTSIDE - 256, 512), wo(STATUS, 1)]),
-        ("IN into read-only data", T_IN, 0, vec![ro(HDR, 16), ro(DATA, 512), wo(STATUS, 1)]),
-        ("OUT from writable data", T_OUT, 0, vec![ro(HDR, 16), wo(DATA, 512), wo(STATUS, 1)]),
-        ("beyond capacity", T_IN, DISK_SECTORS - 1, vec![ro(HDR, 16), wo(DATA, 1024), wo(STATUS, 1)]),
-        ("sector overflow", T_OUT, u64::MAX, vec![ro(HDR, 16), ro(DATA, 512), wo(STATUS, 1)]),
-        ("partial sector", T_OUT, 0, vec![ro(HDR, 16), ro(DATA, 100), wo(STATUS, 1)]),
+        (
+            "data outside RAM",
+            T_IN,
+            0,
+            vec![ro(HDR, 16), wo(OUTSIDE - 256, 512), wo(STATUS, 1)],
+        ),
+        (
+            "IN into read-only data",
+            T_IN,
+            0,
+            vec![ro(HDR, 16), ro(DATA, 512), wo(STATUS, 1)],
+        ),
+        (
+            "OUT from writable data",
+            T_OUT,
+            0,
+            vec![ro(HDR, 16), wo(DATA, 512), wo(STATUS, 1)],
+        ),
+        (
+            "beyond capacity",
+            T_IN,
+            DISK_SECTORS - 1,
+            vec![ro(HDR, 16), wo(DATA, 1024), wo(STATUS, 1)],
+        ),
+        (
+            "sector overflow",
+            T_OUT,
+            u64::MAX,
+            vec![ro(HDR, 16), ro(DATA, 512), wo(STATUS, 1)],
+        ),
+        (
+            "partial sector",
+            T_OUT,
+            0,
+            vec![ro(HDR, 16), ro(DATA, 100), wo(STATUS, 1)],
+        ),
         (
             "over the size cap",
             T_OUT,
@@ -284,10 +362,19 @@ fn invalid_requests_get_ioerr() {
                 wo(STATUS, 1),
             ],
         ),
-        ("GET_ID without buffer", VIRTIO_BLK_T_GET_ID, 0, vec![ro(HDR, 16), wo(STATUS, 1)]),
+        (
+            "GET_ID without buffer",
+            VIRTIO_BLK_T_GET_ID,
+            0,
+            vec![ro(HDR, 16), wo(STATUS, 1)],
+        ),
     ];
     for (what, kind, sector, chain) in cases {
-        assert_eq!(raw_request(&mut d, kind, sector, &chain), (S_IOERR, 1), "{what}");
+        assert_eq!(
+            raw_request(&mut d, kind, sector, &chain),
+            (S_IOERR, 1),
+            "{what}"
+        );
     }
     for kind in [2, 11, 13, 0xff, 0x8000_0000] {
         assert_eq!(request(&mut d, kind, 0, &[]), (S_UNSUPP, 1), "type {kind}");
@@ -303,7 +390,10 @@ fn invalid_requests_get_ioerr() {
 fn assert_malformed(descs: &[virtio_queue::desc::RawDescriptor]) {
     let img = image();
     let mem = guest_memory();
-    let mut d = up(&mem, Block::new(config(&img.path, false, CacheMode::Writeback)).unwrap());
+    let mut d = up(
+        &mem,
+        Block::new(config(&img.path, false, CacheMode::Writeback)).unwrap(),
+    );
     write_header(&mem, T_IN, 0);
     d.add_raw(0, descs, 0);
     d.process(0);
@@ -335,7 +425,11 @@ fn next_outside_table_needs_reset() {
 
 #[test]
 fn read_only_status_needs_reset() {
-    assert_malformed(&[desc(HDR, 16, N, 1), desc(DATA, 512, W | N, 2), desc(STATUS, 1, 0, 0)]);
+    assert_malformed(&[
+        desc(HDR, 16, N, 1),
+        desc(DATA, 512, W | N, 2),
+        desc(STATUS, 1, 0, 0),
+    ]);
 }
 
 #[test]
@@ -357,16 +451,26 @@ fn indirect_table_outside_ram_needs_reset() {
 fn event_idx_one_interrupt_per_batch() {
     let img = image();
     let mem = guest_memory();
-    let mut d = up(&mem, Block::new(config(&img.path, false, CacheMode::Writeback)).unwrap());
+    let mut d = up(
+        &mem,
+        Block::new(config(&img.path, false, CacheMode::Writeback)).unwrap(),
+    );
     write_header(&mem, T_IN, 1);
     d.set_used_event(0, 0);
     for i in 0..3 {
-        d.add_chain(0, &[ro(HDR, 16), wo(DATA + i * 512, 512), wo(STATUS + i, 1)]);
+        d.add_chain(
+            0,
+            &[ro(HDR, 16), wo(DATA + i * 512, 512), wo(STATUS + i, 1)],
+        );
     }
     d.process(0);
     assert_eq!(d.used_idx(0), 3);
     assert_eq!(d.interrupts(), 1, "one interrupt for the batch");
-    assert_eq!(d.avail_event(0), 3, "driver asked to notify at the next request");
+    assert_eq!(
+        d.avail_event(0),
+        3,
+        "driver asked to notify at the next request"
+    );
 
     // The driver only wants to hear about used index 10: no interrupt for one request.
     d.set_used_event(0, 10);

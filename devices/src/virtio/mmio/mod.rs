@@ -13,12 +13,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::status::{
-    ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
-};
+use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use super::{
-    warn_limited, DeviceContext, Interrupt, VirtioDevice, WarnLimiter,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    warn_limited, DeviceContext, Interrupt, VirtioDevice, WarnLimiter, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::{BusDevice, GuestMemoryMmap};
 
@@ -326,11 +324,20 @@ impl MmioTransport {
         }
         let a = self.queue_addresses[index];
         let queue = &mut self.queues[index];
-        let problem = if queue.try_set_desc_table_address(GuestAddress(a.desc)).is_err() {
+        let problem = if queue
+            .try_set_desc_table_address(GuestAddress(a.desc))
+            .is_err()
+        {
             Some("descriptor table not 16-byte aligned")
-        } else if queue.try_set_avail_ring_address(GuestAddress(a.driver)).is_err() {
+        } else if queue
+            .try_set_avail_ring_address(GuestAddress(a.driver))
+            .is_err()
+        {
             Some("available ring not 2-byte aligned")
-        } else if queue.try_set_used_ring_address(GuestAddress(a.device)).is_err() {
+        } else if queue
+            .try_set_used_ring_address(GuestAddress(a.device))
+            .is_err()
+        {
             Some("used ring not 4-byte aligned")
         } else if queue.try_set_size(a.size).is_err() {
             Some("size is zero, not a power of two, or above QueueNumMax")
@@ -536,7 +543,10 @@ impl BusDevice for MmioTransport {
             return;
         };
         if !offset.is_multiple_of(4) {
-            warn_limited!(self.warn, "guest wrote unaligned register offset {offset:#x}");
+            warn_limited!(
+                self.warn,
+                "guest wrote unaligned register offset {offset:#x}"
+            );
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));

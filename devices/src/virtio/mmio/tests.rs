@@ -120,7 +120,7 @@ fn bad_register_accesses_are_harmless() {
 fn config_space_is_delegated() {
     let mem = guest_memory();
     let (device, record) = dummy();
-    let mut d = TestDriver::new(&mem, device);
+    let d = TestDriver::new(&mem, device);
     let mut data = [0u8; 2];
     d.t().read(CONFIG_SPACE_OFFSET + 4, &mut data);
     assert_eq!(data, [0xa4, 0xa5]);
@@ -350,4 +350,14 @@ fn queue_notify_goes_through_the_event_loop() {
     // Notifying a queue that does not exist is ignored.
     d.write(REG_QUEUE_NOTIFY, 7);
     assert_eq!(manager.run_with_timeout(10).unwrap(), 0);
+}
+
+#[test]
+fn fits_the_vmm_event_manager_and_bus() {
+    // The VMM stores transports as these trait objects; this fails to compile otherwise.
+    let mem = guest_memory();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let transport = Arc::new(Mutex::new(MmioTransport::new(mem, dummy().0, irq).unwrap()));
+    let _subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>> = transport.clone();
+    let _bus: Arc<Mutex<dyn BusDevice>> = transport;
 }

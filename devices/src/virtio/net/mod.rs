@@ -221,7 +221,10 @@ impl Net {
             }
             let start = self.tx_frame.len();
             self.tx_frame.resize(start + len, 0);
-            if mem.read_slice(&mut self.tx_frame[start..], d.addr()).is_err() {
+            if mem
+                .read_slice(&mut self.tx_frame[start..], d.addr())
+                .is_err()
+            {
                 warn_limited!(self.warn, "tx chain {head} dropped: unreadable buffer");
                 return Ok(0);
             }
@@ -268,7 +271,9 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(CONFIG_LEN);
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(CONFIG_LEN);
         let end = start.saturating_add(data.len()).min(CONFIG_LEN);
         data[..end - start].copy_from_slice(&self.config[start..end]);
     }

@@ -55,6 +55,10 @@ impl Tap {
                 source: io::Error::last_os_error(),
             });
         }
+        set_link_up(name).map_err(|source| NetError::CreateTap {
+            name: name.to_owned(),
+            source,
+        })?;
         Ok(Tap {
             file,
             name: name.to_owned(),
@@ -130,4 +134,37 @@ mod tests {
             assert!(err.to_string().contains(bad), "{err}");
         }
     }
+}
+
+/// Sets IFF_UP on interface `name` (a TAP hospes created is down, and a down TAP drops
+/// every frame); addresses and routes stay the host administrator's business.
+fn set_link_up(name: &str) -> io::Result<()> {
+    // SAFETY: a plain datagram socket, used only for the interface ioctls below and
+    // closed by `OwnedFd` on return.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor owned by nothing else.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    // SAFETY: all-zero is a valid `ifreq`.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS fills the flags of the `ifreq`, which outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the union's flags member was just written by SIOCGIFFLAGS.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    if flags & libc::IFF_UP as i16 != 0 {
+        return Ok(());
+    }
+    ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as i16;
+    // SAFETY: SIOCSIFFLAGS reads the `ifreq`, which outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
