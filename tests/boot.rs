@@ -17,13 +17,17 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 fn l2() -> MutexGuard<'static, L2> {
     rig::shared(|| {
         let guest = rig::guest_dir().expect("default guest");
-        let faulty = std::env::temp_dir().join(format!("hospes-triple-fault-{}.elf", std::process::id()));
+        let faulty =
+            std::env::temp_dir().join(format!("hospes-triple-fault-{}.elf", std::process::id()));
         std::fs::write(&faulty, triple_fault_elf()).unwrap();
         RigConfig::default()
             .add_binary(HOSPES, "/usr/local/bin/hospes")
             .add_file(guest.join("vmlinuz"), "/guest/vmlinuz")
             .add_file(guest.join("initramfs.cpio.gz"), "/guest/initramfs.cpio.gz")
-            .add_file(Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/services/hello.toml"), "/work/hello.toml")
+            .add_file(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/services/hello.toml"),
+                "/work/hello.toml",
+            )
             .add_file(&faulty, "/work/faulty.elf")
     })
     .expect("L2 boots")
@@ -33,14 +37,19 @@ fn l2() -> MutexGuard<'static, L2> {
 fn sh(script: &str) -> (i32, String) {
     let mut l2 = l2();
     let out = l2
-        .run(&format!("export HOSPES_GUEST_DIR=/guest; cd /work; {script}"), BOOT_TIMEOUT)
+        .run(
+            &format!("export HOSPES_GUEST_DIR=/guest; cd /work; {script}"),
+            BOOT_TIMEOUT,
+        )
         .unwrap_or_else(|e| panic!("rig command failed: {e}\nL2 console:\n{}", l2.console_log()));
     (out.status, out.output)
 }
 
 /// Writes `spec` to NAME.toml in L2 and runs hospes on it; returns exit status and output.
 fn boot(name: &str, spec: &str) -> (i32, String) {
-    sh(&format!("cat > {name}.toml <<'SPEC'\n{spec}\nSPEC\nhospes run {name}.toml 2>&1"))
+    sh(&format!(
+        "cat > {name}.toml <<'SPEC'\n{spec}\nSPEC\nhospes run {name}.toml 2>&1"
+    ))
 }
 
 #[test]
@@ -75,15 +84,24 @@ fn memory_mib_sets_the_guest_ram() {
         .and_then(|s| s.split('K').next())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| panic!("no 'Memory: x/yK' line: {out}"));
-    assert!(physical <= asked_kib && physical * 100 >= asked_kib * 99, "physical RAM {physical} KiB: {out}");
+    assert!(
+        physical <= asked_kib && physical * 100 >= asked_kib * 99,
+        "physical RAM {physical} KiB: {out}"
+    );
     // What the guest reports after the kernel's own reservations (image, struct pages).
     let total: u64 = out
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|s| s.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no MemTotal: {out}"));
-    assert!(total < asked_kib && total * 100 >= asked_kib * 90, "MemTotal {total} KiB: {out}");
-    println!("memory_mib = 512: physical {physical} KiB, MemTotal {total} KiB ({:.1}%)", total as f64 * 100.0 / asked_kib as f64);
+    assert!(
+        total < asked_kib && total * 100 >= asked_kib * 90,
+        "MemTotal {total} KiB: {out}"
+    );
+    println!(
+        "memory_mib = 512: physical {physical} KiB, MemTotal {total} KiB ({:.1}%)",
+        total as f64 * 100.0 / asked_kib as f64
+    );
 }
 
 /// Runs a guest command that ends the guest and measures, on L2's clock, the time from
@@ -104,7 +122,10 @@ fn ends_within_a_second(action: &str) -> String {
             .unwrap_or_else(|| panic!("no {k}: {out}"))
     };
     let delay = t("T2=") - t("T1=");
-    assert!(delay < 1.0, "hospes took {delay:.2} s to exit after the guest's {action}: {out}");
+    assert!(
+        delay < 1.0,
+        "hospes took {delay:.2} s to exit after the guest's {action}: {out}"
+    );
     out
 }
 
@@ -130,15 +151,24 @@ fn sigterm_and_sigint_stop_the_vm_cleanly() {
              kill -{sig} $pid; wait $pid; rc=$?; cat idle.log; exit $rc"
         ));
         assert_eq!(status, 0, "SIG{sig}: {out}");
-        assert!(out.contains("hospes-guest: ready") && out.contains("stopped guest \"idle\" on signal"), "SIG{sig}: {out}");
+        assert!(
+            out.contains("hospes-guest: ready") && out.contains("stopped guest \"idle\" on signal"),
+            "SIG{sig}: {out}"
+        );
     }
 }
 
 #[test]
 fn a_triple_fault_exits_nonzero_with_the_registers() {
-    let (status, out) = boot("fault", "[service]\nname = \"fault\"\n[boot]\nkernel = \"faulty.elf\"");
+    let (status, out) = boot(
+        "fault",
+        "[service]\nname = \"fault\"\n[boot]\nkernel = \"faulty.elf\"",
+    );
     assert_ne!(status, 0, "{out}");
-    assert!(out.contains("triple fault") && out.contains("rip=0x") && out.contains("cr0="), "{out}");
+    assert!(
+        out.contains("triple fault") && out.contains("rip=0x") && out.contains("cr0="),
+        "{out}"
+    );
 }
 
 /// An ELF "kernel" whose entry is `ud2` with no usable IDT: #UD, then #DF, then a triple
@@ -160,7 +190,14 @@ fn triple_fault_elf() -> Vec<u8> {
     let code = [0x0f, 0x0b]; // ud2
     f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
     f.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    for v in [120u64, entry, entry, code.len() as u64, code.len() as u64, 0x1000] {
+    for v in [
+        120u64,
+        entry,
+        entry,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
         f.extend_from_slice(&v.to_le_bytes());
     }
     f.extend_from_slice(&code);
@@ -179,7 +216,10 @@ fn bad_spec(name: &str, text: &str) -> (i32, String) {
         let out = Command::new(HOSPES).arg(sub).arg(&path).output().unwrap();
         let msg = String::from_utf8_lossy(&out.stderr).to_string();
         assert_eq!(out.status.code(), Some(2), "hospes {sub} {name}: {msg}");
-        assert!(msg.contains(&path.display().to_string()), "names the file: {msg}");
+        assert!(
+            msg.contains(&path.display().to_string()),
+            "names the file: {msg}"
+        );
         assert_eq!(msg.lines().count(), 1, "one message: {msg}");
         last = (out.status.code().unwrap(), msg);
     }
@@ -189,27 +229,89 @@ fn bad_spec(name: &str, text: &str) -> (i32, String) {
 #[test]
 fn every_kind_of_bad_spec_exits_2_naming_key_and_line() {
     let cases: &[(&str, &str, &str, &str)] = &[
-        ("unknown-key", "[service]\nname = \"a\"\n[machine]\ncpus = 2\n", ":4:1:", "machine.cpus"),
-        ("wrong-type", "[service]\nname = \"a\"\n[machine]\nvcpus = \"two\"\n", ":4:9:", "machine.vcpus"),
-        ("vcpus-range", "[service]\nname = \"a\"\n[machine]\nvcpus = 0\n", ":4:9:", "machine.vcpus"),
-        ("memory-range", "[service]\nname = \"a\"\n[machine]\nmemory_mib = 70000\n", ":4:14:", "machine.memory_mib"),
-        ("bad-name", "[service]\nname = \"Web Server\"\n", ":2:8:", "service.name"),
-        ("long-name", &format!("[service]\nname = \"{}\"\n", "a".repeat(64)), ":2:8:", "service.name"),
-        ("no-kernel-file", "[service]\nname = \"a\"\n[boot]\nkernel = \"missing-vmlinuz\"\n", ":4:10:", "boot.kernel"),
-        ("no-initrd-file", "[service]\nname = \"a\"\n[boot]\ninitrd = \"missing.cpio\"\n", ":4:10:", "boot.initrd"),
-        ("bad-cmdline", "[service]\nname = \"a\"\n[boot]\ncmdline = \"tab\\there\"\n", ":4:11:", "boot.cmdline"),
-        ("unknown-table", "[service]\nname = \"a\"\n[gpu]\nmodel = 1\n", ":3:", "gpu"),
+        (
+            "unknown-key",
+            "[service]\nname = \"a\"\n[machine]\ncpus = 2\n",
+            ":4:1:",
+            "machine.cpus",
+        ),
+        (
+            "wrong-type",
+            "[service]\nname = \"a\"\n[machine]\nvcpus = \"two\"\n",
+            ":4:9:",
+            "machine.vcpus",
+        ),
+        (
+            "vcpus-range",
+            "[service]\nname = \"a\"\n[machine]\nvcpus = 0\n",
+            ":4:9:",
+            "machine.vcpus",
+        ),
+        (
+            "memory-range",
+            "[service]\nname = \"a\"\n[machine]\nmemory_mib = 70000\n",
+            ":4:14:",
+            "machine.memory_mib",
+        ),
+        (
+            "bad-name",
+            "[service]\nname = \"Web Server\"\n",
+            ":2:8:",
+            "service.name",
+        ),
+        (
+            "long-name",
+            &format!("[service]\nname = \"{}\"\n", "a".repeat(64)),
+            ":2:8:",
+            "service.name",
+        ),
+        (
+            "no-kernel-file",
+            "[service]\nname = \"a\"\n[boot]\nkernel = \"missing-vmlinuz\"\n",
+            ":4:10:",
+            "boot.kernel",
+        ),
+        (
+            "no-initrd-file",
+            "[service]\nname = \"a\"\n[boot]\ninitrd = \"missing.cpio\"\n",
+            ":4:10:",
+            "boot.initrd",
+        ),
+        (
+            "bad-cmdline",
+            "[service]\nname = \"a\"\n[boot]\ncmdline = \"tab\\there\"\n",
+            ":4:11:",
+            "boot.cmdline",
+        ),
+        (
+            "unknown-table",
+            "[service]\nname = \"a\"\n[gpu]\nmodel = 1\n",
+            ":3:",
+            "gpu",
+        ),
         ("syntax", "[service]\nname = \"a\n", ":2:", "service.name"),
     ];
     for (name, text, at, key) in cases {
         let (_, msg) = bad_spec(name, text);
-        assert!(msg.contains(at), "{name}: expected line/column {at} in: {msg}");
-        assert!(msg.contains(&format!("`{key}`")), "{name}: expected key {key} in: {msg}");
+        assert!(
+            msg.contains(at),
+            "{name}: expected line/column {at} in: {msg}"
+        );
+        assert!(
+            msg.contains(&format!("`{key}`")),
+            "{name}: expected key {key} in: {msg}"
+        );
     }
     // A directory instead of a kernel file, and a spec that does not exist.
-    let (_, msg) = bad_spec("dir-kernel", "[service]\nname = \"a\"\n[boot]\nkernel = \"/\"\n");
+    let (_, msg) = bad_spec(
+        "dir-kernel",
+        "[service]\nname = \"a\"\n[boot]\nkernel = \"/\"\n",
+    );
     assert!(msg.contains("not a regular file"), "{msg}");
-    let out = Command::new(HOSPES).args(["check", "/nonexistent/spec.toml"]).output().unwrap();
+    let out = Command::new(HOSPES)
+        .args(["check", "/nonexistent/spec.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/spec.toml"));
 }
@@ -222,9 +324,17 @@ fn a_host_without_hardware_virtualization_gets_one_clear_line() {
         return;
     }
     let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/services/hello.toml");
-    let out = Command::new(HOSPES).arg("run").arg(&hello).env("HOSPES_GUEST_DIR", "/nonexistent").output().unwrap();
+    let out = Command::new(HOSPES)
+        .arg("run")
+        .arg(&hello)
+        .env("HOSPES_GUEST_DIR", "/nonexistent")
+        .output()
+        .unwrap();
     let msg = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{msg}");
     assert_eq!(msg.lines().count(), 1, "{msg}");
-    assert!(msg.contains("no hardware virtualization") && msg.contains("resources/run.sh"), "{msg}");
+    assert!(
+        msg.contains("no hardware virtualization") && msg.contains("resources/run.sh"),
+        "{msg}"
+    );
 }

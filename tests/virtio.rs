@@ -28,7 +28,10 @@ fn l2() -> MutexGuard<'static, L2> {
 fn sh(script: &str) -> String {
     let mut l2 = l2();
     let out = l2
-        .run(&format!("export HOSPES_GUEST_DIR=/guest; mkdir -p /data/t; cd /data/t; {script}"), TIMEOUT)
+        .run(
+            &format!("export HOSPES_GUEST_DIR=/guest; mkdir -p /data/t; cd /data/t; {script}"),
+            TIMEOUT,
+        )
         .unwrap_or_else(|e| panic!("rig command failed: {e}\nL2 console:\n{}", l2.console_log()));
     assert_eq!(out.status, 0, "script failed:\n{}", out.output);
     out.output
@@ -53,7 +56,8 @@ fn value<'a>(out: &'a str, key: &str) -> &'a str {
 #[test]
 fn data_written_to_a_drive_survives_a_reboot_and_matches_the_host_file() {
     for cache in ["none", "writeback"] {
-        let drive = format!("[[drive]]\nid = \"data\"\npath = \"data-{cache}.img\"\ncache = \"{cache}\"");
+        let drive =
+            format!("[[drive]]\nid = \"data\"\npath = \"data-{cache}.img\"\ncache = \"{cache}\"");
         let write = "echo serial=$(cat /sys/block/vda/serial); \
                      dd if=/dev/urandom of=/dev/vda bs=1M count=64 conv=fsync 2>/dev/null; sync; \
                      echo wrote=$(head -c 67108864 /dev/vda | sha256sum | cut -c1-64)";
@@ -65,10 +69,21 @@ fn data_written_to_a_drive_survives_a_reboot_and_matches_the_host_file() {
             spec("w", 256, write, &drive),
             spec("r", 256, read, &drive)
         ));
-        assert_eq!(value(&out, "serial="), "data", "cache={cache}: GET_ID is the drive id:\n{out}");
-        let (w, r, h) = (value(&out, "wrote="), value(&out, "read="), value(&out, "host="));
+        assert_eq!(
+            value(&out, "serial="),
+            "data",
+            "cache={cache}: GET_ID is the drive id:\n{out}"
+        );
+        let (w, r, h) = (
+            value(&out, "wrote="),
+            value(&out, "read="),
+            value(&out, "host="),
+        );
         assert_eq!(w.len(), 64, "{out}");
-        assert!(w == r && r == h, "cache={cache}: written {w}, read after reboot {r}, host file {h}\n{out}");
+        assert!(
+            w == r && r == h,
+            "cache={cache}: written {w}, read after reboot {r}, host file {h}\n{out}"
+        );
         let zero64 = sh("head -c 67108864 /dev/zero | sha256sum | cut -c1-64");
         assert_ne!(w, zero64.trim(), "the pattern is not all zeros");
     }
@@ -88,13 +103,18 @@ fn a_read_only_drive_refuses_writes_and_its_file_is_unchanged() {
     assert_eq!(value(&out, "ro="), "1", "{out}");
     assert_eq!(value(&out, "write="), "refused", "{out}");
     assert_eq!(value(&out, "before="), value(&out, "after="), "{out}");
-    assert_eq!(value(&out, "before="), value(&out, "read="), "the guest reads the file's content:\n{out}");
+    assert_eq!(
+        value(&out, "before="),
+        value(&out, "read="),
+        "the guest reads the file's content:\n{out}"
+    );
 }
 
 #[test]
 fn two_drives_appear_as_vda_and_vdb_with_their_sizes_and_serials() {
     let drives = "[[drive]]\nid = \"alpha\"\npath = \"a.img\"\n[[drive]]\nid = \"beta\"\npath = \"b.img\"\nread_only = true";
-    let cmd = "for d in vda vdb; do echo $d=$(cat /sys/block/$d/size),$(cat /sys/block/$d/serial); done";
+    let cmd =
+        "for d in vda vdb; do echo $d=$(cat /sys/block/$d/size),$(cat /sys/block/$d/serial); done";
     let out = sh(&format!(
         "dd if=/dev/zero of=a.img bs=1M count=0 seek=8 2>/dev/null; dd if=/dev/zero of=b.img bs=1M count=0 seek=24 2>/dev/null\n\
          {}hospes run two.toml 2>&1",
@@ -116,7 +136,10 @@ fn a_locked_image_cannot_be_opened_writable_by_a_second_hospes() {
         spec("second", 256, "echo should-not-boot", drive)
     ));
     assert_ne!(value(&out, "second="), "0", "{out}");
-    assert!(out.contains("lock.img") && !out.contains("should-not-boot"), "{out}");
+    assert!(
+        out.contains("lock.img") && !out.contains("should-not-boot"),
+        "{out}"
+    );
     assert_eq!(value(&out, "first="), "0", "{out}");
 }
 
@@ -124,12 +147,13 @@ fn a_locked_image_cannot_be_opened_writable_by_a_second_hospes() {
 fn the_guest_reaches_its_host_over_a_tap_ping_and_100_mib_each_way() {
     let net = "[[net]]\nid = \"net0\"\ntap = \"hos-t0\"";
     // busybox nc exits when its own stdin ends: receivers run under -e, and the guest's
-    // receiving client keeps its stdin open with sleep.
+    // receiving client holds its stdin open on a FIFO until the server has sent it all.
     let cmd = "ip addr add 172.16.0.2/24 dev eth0; ip link set eth0 up; \
                ping -c 3 -W 5 172.16.0.1 >/tmp/ping && echo ping=ok || echo ping=failed; \
                dd if=/dev/urandom of=/tmp/tx bs=1M count=100 2>/dev/null; \
                echo guest_tx=$(sha256sum /tmp/tx | cut -c1-64); cat /tmp/tx | nc 172.16.0.1 5000; rm /tmp/tx; \
-               echo guest_rx=$(sleep 600 | nc 172.16.0.1 5001 | sha256sum | cut -c1-64)";
+               mkfifo /tmp/hold; (nc 172.16.0.1 5001 </tmp/hold | sha256sum >/tmp/rx.sum) & exec 3>/tmp/hold; \
+               wait $!; exec 3>&-; echo guest_rx=$(cut -c1-64 /tmp/rx.sum)";
     let out = sh(&format!(
         "tunctl -d hos-t0 >/dev/null 2>&1; tunctl -t hos-t0 >/dev/null; \
          ip addr add 172.16.0.1/24 dev hos-t0; ip link set hos-t0 up\n\
@@ -140,6 +164,14 @@ fn the_guest_reaches_its_host_over_a_tap_ping_and_100_mib_each_way() {
         spec("net", 512, cmd, net)
     ));
     assert_eq!(value(&out, "ping="), "ok", "{out}");
-    assert_eq!(value(&out, "guest_tx="), value(&out, "host_rx="), "guest -> host:\n{out}");
-    assert_eq!(value(&out, "host_tx="), value(&out, "guest_rx="), "host -> guest:\n{out}");
+    assert_eq!(
+        value(&out, "guest_tx="),
+        value(&out, "host_rx="),
+        "guest -> host:\n{out}"
+    );
+    assert_eq!(
+        value(&out, "host_tx="),
+        value(&out, "guest_rx="),
+        "host -> guest:\n{out}"
+    );
 }

@@ -10,13 +10,15 @@
 //! the guest. Power-off and reset go through the FADT's sleep-control and reset registers,
 //! both on the one-byte port that `devices::legacy::AcpiPower` models.
 
-use acpi_tables::{aml, Aml};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
 use devices::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -33,7 +35,9 @@ const IAPC_BOOT_ARCH: u16 = (1 << 2) | (1 << 5);
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
     /// The tables do not fit between the RSDP and 1 MiB.
-    #[error("ACPI tables need {size} bytes from {start:#x}, beyond the area that ends at {end:#x}")]
+    #[error(
+        "ACPI tables need {size} bytes from {start:#x}, beyond the area that ends at {end:#x}"
+    )]
     TooLarge {
         /// Bytes needed.
         size: u64,
@@ -122,7 +126,15 @@ pub fn dsdt(machine: &AcpiMachine) -> Vec<u8> {
 
 /// The FADT, pointing at the DSDT.
 pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let port = |addr: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(addr));
+    let port = |addr: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            u64::from(addr),
+        )
+    };
     let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -142,9 +154,18 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
 
 /// The MADT: one enabled local APIC per vCPU and KVM's IOAPIC with GSI base 0.
 pub fn madt(vcpus: u32) -> Vec<u8> {
-    let mut madt = MADT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION, LocalInterruptController::Address(APIC_START as u32));
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(APIC_START as u32),
+    );
     for id in 0..vcpus {
-        madt.add_structure(ProcessorLocalApic::new(id as u8, id as u8, EnabledStatus::Enabled));
+        madt.add_structure(ProcessorLocalApic::new(
+            id as u8,
+            id as u8,
+            EnabledStatus::Enabled,
+        ));
     }
     madt.add_structure(IoApic::new(0, IOAPIC_START as u32, 0));
     let mut out = Vec::new();
@@ -153,7 +174,10 @@ pub fn madt(vcpus: u32) -> Vec<u8> {
 }
 
 /// Writes all tables into guest memory from `layout::RSDP_START`; returns the RSDP address.
-pub fn write_tables(mem: &GuestMemoryMmap, machine: &AcpiMachine) -> Result<GuestAddress, AcpiError> {
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    machine: &AcpiMachine,
+) -> Result<GuestAddress, AcpiError> {
     // Layout: RSDP, then DSDT, FADT, MADT, XSDT, each 16-byte aligned. The XSDT goes last
     // because it lists the others' addresses.
     let align = |x: u64| x.next_multiple_of(16);
@@ -172,7 +196,11 @@ pub fn write_tables(mem: &GuestMemoryMmap, machine: &AcpiMachine) -> Result<Gues
     xsdt.to_aml_bytes(&mut xsdt_bytes);
     let end = xsdt_addr + xsdt_bytes.len() as u64;
     if end > ACPI_END {
-        return Err(AcpiError::TooLarge { size: end - rsdp_addr, start: rsdp_addr, end: ACPI_END });
+        return Err(AcpiError::TooLarge {
+            size: end - rsdp_addr,
+            start: rsdp_addr,
+            end: ACPI_END,
+        });
     }
     let mut rsdp = Vec::new();
     Rsdp::new(OEM_ID, xsdt_addr).to_aml_bytes(&mut rsdp);
@@ -184,7 +212,11 @@ pub fn write_tables(mem: &GuestMemoryMmap, machine: &AcpiMachine) -> Result<Gues
         ("XSDT", xsdt_addr, &xsdt_bytes),
     ] {
         mem.write_slice(bytes, GuestAddress(addr))
-            .map_err(|source| AcpiError::Write { table, addr, source })?;
+            .map_err(|source| AcpiError::Write {
+                table,
+                addr,
+                source,
+            })?;
     }
     Ok(RSDP_START)
 }
@@ -199,8 +231,14 @@ mod tests {
         AcpiMachine {
             vcpus: 2,
             virtio: vec![
-                VirtioMmioSlot { base: VIRTIO_MMIO_START, gsi: 5 },
-                VirtioMmioSlot { base: VIRTIO_MMIO_START + 0x1000, gsi: 6 },
+                VirtioMmioSlot {
+                    base: VIRTIO_MMIO_START,
+                    gsi: 5,
+                },
+                VirtioMmioSlot {
+                    base: VIRTIO_MMIO_START + 0x1000,
+                    gsi: 6,
+                },
             ],
         }
     }
@@ -211,16 +249,25 @@ mod tests {
 
     #[test]
     fn tables_have_valid_headers_and_checksums() {
-        for (sig, t) in [(b"DSDT", dsdt(&machine())), (b"FACP", fadt(0xe0040)), (b"APIC", madt(2))] {
+        for (sig, t) in [
+            (b"DSDT", dsdt(&machine())),
+            (b"FACP", fadt(0xe0040)),
+            (b"APIC", madt(2)),
+        ] {
             assert_eq!(&t[..4], sig);
-            assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize, t.len());
+            assert_eq!(
+                u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
+                t.len()
+            );
             assert!(checksum_ok(&t), "{} checksum", String::from_utf8_lossy(sig));
         }
         // MADT: header (44) + 2 local APICs (8 each) + IOAPIC (12).
         assert_eq!(madt(2).len(), 44 + 16 + 12);
         let d = dsdt(&machine());
         let find = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
-        assert!(find(b"LNRO0005") && find(b"V000") && find(b"V001") && find(b"_S5_") && find(b"COM1"));
+        assert!(
+            find(b"LNRO0005") && find(b"V000") && find(b"V001") && find(b"_S5_") && find(b"COM1")
+        );
     }
 
     #[test]
@@ -242,18 +289,39 @@ mod tests {
     fn iasl_disassembles_the_tables() {
         let dir = std::env::temp_dir().join(format!("hospes-acpi-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (name, t) in [("dsdt", dsdt(&machine())), ("facp", fadt(0xe0040)), ("apic", madt(2))] {
+        for (name, t) in [
+            ("dsdt", dsdt(&machine())),
+            ("facp", fadt(0xe0040)),
+            ("apic", madt(2)),
+        ] {
             let file = dir.join(format!("{name}.dat"));
             std::fs::write(&file, &t).unwrap();
-            let out = Command::new("iasl").arg("-d").arg(&file).current_dir(&dir).output().expect(
-                "iasl (Debian package acpica-tools) must be installed; .ci/run installs it",
+            let out = Command::new("iasl")
+                .arg("-d")
+                .arg(&file)
+                .current_dir(&dir)
+                .output()
+                .expect(
+                    "iasl (Debian package acpica-tools) must be installed; .ci/run installs it",
+                );
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
             );
-            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
             assert!(out.status.success(), "iasl -d {name}: {text}");
-            assert!(!text.contains("Error") && !text.contains("Invalid"), "iasl -d {name}: {text}");
+            assert!(
+                !text.contains("Error") && !text.contains("Invalid"),
+                "iasl -d {name}: {text}"
+            );
             let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap();
             if name == "dsdt" {
-                assert!(dsl.contains("LNRO0005") && dsl.contains("Memory32Fixed") && dsl.contains("0xD0001000"), "{dsl}");
+                assert!(
+                    dsl.contains("LNRO0005")
+                        && dsl.contains("Memory32Fixed")
+                        && dsl.contains("0xD0001000"),
+                    "{dsl}"
+                );
             }
             if name == "facp" {
                 assert!(dsl.contains("Hardware Reduced (V5) : 1"), "{dsl}");

@@ -49,7 +49,9 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// linux-loader could not load the kernel.
-    #[error("cannot load kernel {path} (neither an ELF vmlinux nor a bzImage that fits): {source}")]
+    #[error(
+        "cannot load kernel {path} (neither an ELF vmlinux nor a bzImage that fits): {source}"
+    )]
     Kernel {
         /// The kernel file.
         path: PathBuf,
@@ -57,7 +59,9 @@ pub enum BootError {
         source: LoaderError,
     },
     /// The initrd does not fit in guest RAM.
-    #[error("initrd {path} ({size} bytes) does not fit in guest RAM below {max:#x} after the kernel")]
+    #[error(
+        "initrd {path} ({size} bytes) does not fit in guest RAM below {max:#x} after the kernel"
+    )]
     InitrdTooLarge {
         /// The initrd.
         path: PathBuf,
@@ -110,12 +114,18 @@ struct BootParams(boot_params);
 // every bit pattern is valid.
 unsafe impl ByteValued for BootParams {}
 
-fn write<T: ByteValued>(mem: &GuestMemoryMmap, what: &'static str, val: T, addr: GuestAddress) -> Result<(), BootError> {
-    mem.write_obj(val, addr).map_err(|source| BootError::GuestWrite {
-        what,
-        addr: addr.raw_value(),
-        source,
-    })
+fn write<T: ByteValued>(
+    mem: &GuestMemoryMmap,
+    what: &'static str,
+    val: T,
+    addr: GuestAddress,
+) -> Result<(), BootError> {
+    mem.write_obj(val, addr)
+        .map_err(|source| BootError::GuestWrite {
+            what,
+            addr: addr.raw_value(),
+            source,
+        })
 }
 
 /// Loads kernel, initrd and command line and writes the zero page, GDT and page tables.
@@ -139,7 +149,11 @@ pub fn load(mem: &GuestMemoryMmap, src: &BootSource<'_>) -> Result<BootEntry, Bo
         Err(LoaderError::Elf(ElfError::InvalidElfMagicNumber)) => {
             let r = BzImage::load(mem, None, &mut kernel, Some(HIMEM_START)).map_err(kernel_err)?;
             let header = r.setup_header.unwrap_or_else(default_setup_header);
-            (r.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET), header, r.kernel_end)
+            (
+                r.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
+                header,
+                r.kernel_end,
+            )
         }
         Err(e) => return Err(kernel_err(e)),
     };
@@ -150,7 +164,11 @@ pub fn load(mem: &GuestMemoryMmap, src: &BootSource<'_>) -> Result<BootEntry, Bo
         let mut file = open("initrd", path)?;
         let size = file
             .metadata()
-            .map_err(|source| BootError::Read { what: "initrd", path: path.to_path_buf(), source })?
+            .map_err(|source| BootError::Read {
+                what: "initrd",
+                path: path.to_path_buf(),
+                source,
+            })?
             .len();
         let low_ram_end = mem.last_addr().raw_value().min(MMIO_HOLE_START - 1) + 1;
         let addr_max = match header.initrd_addr_max {
@@ -158,13 +176,21 @@ pub fn load(mem: &GuestMemoryMmap, src: &BootSource<'_>) -> Result<BootEntry, Bo
             m => u64::from(m),
         };
         let max_end = low_ram_end.min(addr_max + 1);
-        let too_large = || BootError::InitrdTooLarge { path: path.to_path_buf(), size, max: max_end };
+        let too_large = || BootError::InitrdTooLarge {
+            path: path.to_path_buf(),
+            size,
+            max: max_end,
+        };
         let start = max_end.checked_sub(size).ok_or_else(too_large)? & !0xfff;
         if start < kernel_end {
             return Err(too_large());
         }
         mem.read_exact_volatile_from(GuestAddress(start), &mut file, size as usize)
-            .map_err(|source| BootError::GuestWrite { what: "initrd", addr: start, source })?;
+            .map_err(|source| BootError::GuestWrite {
+                what: "initrd",
+                addr: start,
+                source,
+            })?;
         header.ramdisk_image = start as u32;
         header.ramdisk_size = size as u32;
     }
@@ -175,15 +201,19 @@ pub fn load(mem: &GuestMemoryMmap, src: &BootSource<'_>) -> Result<BootEntry, Bo
         n => (n as usize).min(CMDLINE_MAX_SIZE - 1),
     };
     if src.cmdline.len() > max {
-        return Err(BootError::CmdlineTooLong { len: src.cmdline.len(), max });
+        return Err(BootError::CmdlineTooLong {
+            len: src.cmdline.len(),
+            max,
+        });
     }
     let mut bytes = src.cmdline.as_bytes().to_vec();
     bytes.push(0);
-    mem.write_slice(&bytes, CMDLINE_START).map_err(|source| BootError::GuestWrite {
-        what: "command line",
-        addr: CMDLINE_START.raw_value(),
-        source,
-    })?;
+    mem.write_slice(&bytes, CMDLINE_START)
+        .map_err(|source| BootError::GuestWrite {
+            what: "command line",
+            addr: CMDLINE_START.raw_value(),
+            source,
+        })?;
     header.cmd_line_ptr = CMDLINE_START.raw_value() as u32;
     header.cmdline_size = bytes.len() as u32;
 
@@ -226,7 +256,11 @@ pub fn e820_map(ram: u64) -> Vec<boot_e820_entry> {
     let entry = |addr: u64, size: u64, r#type: u32| boot_e820_entry { addr, size, r#type };
     let mut map = vec![
         entry(0, EBDA_START, E820_RAM),
-        entry(EBDA_START, HIMEM_START.raw_value() - EBDA_START, E820_RESERVED),
+        entry(
+            EBDA_START,
+            HIMEM_START.raw_value() - EBDA_START,
+            E820_RESERVED,
+        ),
     ];
     for (addr, len) in ram_ranges(ram) {
         let start = addr.raw_value().max(HIMEM_START.raw_value());
@@ -239,7 +273,12 @@ pub fn e820_map(ram: u64) -> Vec<boot_e820_entry> {
 }
 
 /// GDT entries: null, 64-bit code, data, TSS (the layout the kernel's startup_64 expects).
-pub const BOOT_GDT: [u64; 4] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x008f_8b00_0000_ffff];
+pub const BOOT_GDT: [u64; 4] = [
+    0,
+    0x00af_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x008f_8b00_0000_ffff,
+];
 /// Selector of the code segment.
 pub const BOOT_CODE_SELECTOR: u16 = 1 << 3;
 /// Selector of the data segment.
@@ -251,7 +290,12 @@ pub const BOOT_IDT_START: GuestAddress = GuestAddress(0x520);
 
 fn write_gdt_and_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for (i, entry) in BOOT_GDT.iter().enumerate() {
-        write(mem, "GDT", *entry, BOOT_GDT_START.unchecked_add(i as u64 * 8))?;
+        write(
+            mem,
+            "GDT",
+            *entry,
+            BOOT_GDT_START.unchecked_add(i as u64 * 8),
+        )?;
     }
     write(mem, "IDT", 0u64, BOOT_IDT_START)?;
     // PML4[0] -> PDPT, PDPT[0] -> PD, PD[i] -> 2 MiB page i: an identity map of the first
@@ -267,11 +311,12 @@ fn write_gdt_and_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
         *e = ((i as u64) << 21) | PRESENT_RW | HUGE;
     }
     let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-    mem.write_slice(&bytes, pd).map_err(|source| BootError::GuestWrite {
-        what: "page directory",
-        addr: pd.raw_value(),
-        source,
-    })
+    mem.write_slice(&bytes, pd)
+        .map_err(|source| BootError::GuestWrite {
+            what: "page directory",
+            addr: pd.raw_value(),
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -293,7 +338,10 @@ mod tests {
         );
         let big = e820_map(4 << 30);
         assert_eq!(big.len(), 4);
-        assert_eq!((big[3].addr, big[3].size), (MMIO_HOLE_END, (4 << 30) - MMIO_HOLE_START));
+        assert_eq!(
+            (big[3].addr, big[3].size),
+            (MMIO_HOLE_END, (4 << 30) - MMIO_HOLE_START)
+        );
     }
 
     #[test]
@@ -305,13 +353,28 @@ mod tests {
         // structures written by the helpers directly.
         let bogus = dir.join("bogus");
         std::fs::write(&bogus, b"not a kernel").unwrap();
-        let err = load(&mem, &BootSource { kernel: &bogus, initrd: None, cmdline: "" }).unwrap_err();
+        let err = load(
+            &mem,
+            &BootSource {
+                kernel: &bogus,
+                initrd: None,
+                cmdline: "",
+            },
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
 
         write_gdt_and_page_tables(&mem).unwrap();
         assert_eq!(mem.read_obj::<u64>(PML4_START).unwrap(), 0xa003);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(0xb000 + 8)).unwrap(), (1 << 21) | 0x83);
-        assert_eq!(mem.read_obj::<u64>(BOOT_GDT_START.unchecked_add(8)).unwrap(), BOOT_GDT[1]);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0xb000 + 8)).unwrap(),
+            (1 << 21) | 0x83
+        );
+        assert_eq!(
+            mem.read_obj::<u64>(BOOT_GDT_START.unchecked_add(8))
+                .unwrap(),
+            BOOT_GDT[1]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -43,8 +43,16 @@ pub struct Bus {
 impl Bus {
     /// Places `device` at `[base, base + len)`.
     pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
-        if let Some(e) = self.entries.iter().find(|e| base < e.base + e.len && e.base < base + len) {
-            return Err(BusError::Overlap { base, len, other: e.base });
+        if let Some(e) = self
+            .entries
+            .iter()
+            .find(|e| base < e.base + e.len && e.base < base + len)
+        {
+            return Err(BusError::Overlap {
+                base,
+                len,
+                other: e.base,
+            });
         }
         let at = self.entries.partition_point(|e| e.base < base);
         self.entries.insert(at, Entry { base, len, device });
@@ -52,7 +60,10 @@ impl Bus {
     }
 
     fn find(&self, addr: u64) -> Option<(&Entry, u64)> {
-        let i = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
+        let i = self
+            .entries
+            .partition_point(|e| e.base <= addr)
+            .checked_sub(1)?;
         let e = &self.entries[i];
         (addr - e.base < e.len).then_some((e, addr - e.base))
     }
@@ -103,8 +114,12 @@ mod tests {
         let a = Arc::new(Mutex::new(Echo(vec![])));
         let mut bus = Bus::default();
         bus.insert(0x3f8, 8, a.clone()).unwrap();
-        bus.insert(0x60, 5, Arc::new(Mutex::new(Echo(vec![])))).unwrap();
-        assert!(matches!(bus.insert(0x3fc, 8, a.clone()), Err(BusError::Overlap { other: 0x3f8, .. })));
+        bus.insert(0x60, 5, Arc::new(Mutex::new(Echo(vec![]))))
+            .unwrap();
+        assert!(matches!(
+            bus.insert(0x3fc, 8, a.clone()),
+            Err(BusError::Overlap { other: 0x3f8, .. })
+        ));
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fa, &mut b));
         assert_eq!(b[0], 2);

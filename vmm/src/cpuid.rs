@@ -97,12 +97,22 @@ mod tests {
     use kvm_bindings::kvm_cpuid_entry2;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn apic_ids_and_topology() {
-        let mut c = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0x8000_0008, 0)]).unwrap();
+        let mut c = CpuId::from_entries(&[
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0x8000_0008, 0),
+        ])
+        .unwrap();
         normalize(&mut c, 2, 3);
         let s = c.as_slice();
         assert_eq!(s[0].ebx >> 24, 2);

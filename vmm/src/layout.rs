@@ -82,6 +82,9 @@ mod tests {
         assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
         let big = ram_ranges(4 << 30);
         assert_eq!(big[0], (GuestAddress(0), MMIO_HOLE_START));
-        assert_eq!(big[1], (GuestAddress(MMIO_HOLE_END), (4 << 30) - MMIO_HOLE_START));
+        assert_eq!(
+            big[1],
+            (GuestAddress(MMIO_HOLE_END), (4 << 30) - MMIO_HOLE_START)
+        );
     }
 }

@@ -95,7 +95,10 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     for (addr, len) in ram_ranges(size) {
         let len = len as usize;
         let ptr = map_aligned(len)?;
-        let bitmap = AtomicBitmap::new(len, std::num::NonZeroUsize::new(PAGE_SIZE).expect("page size is not zero"));
+        let bitmap = AtomicBitmap::new(
+            len,
+            std::num::NonZeroUsize::new(PAGE_SIZE).expect("page size is not zero"),
+        );
         // SAFETY: `ptr` is a fresh private anonymous mapping of exactly `len` bytes, readable
         // and writable, owned by nothing else; MmapRegion takes ownership and unmaps it.
         let builder = unsafe {
@@ -160,7 +163,10 @@ mod tests {
         let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
         assert_eq!(host % HUGE_PAGE, 0);
         mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
         assert!(mem.write_obj(0u8, GuestAddress(64 << 20)).is_err());
     }
 }

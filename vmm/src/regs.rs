@@ -15,7 +15,9 @@
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 
-use crate::boot::{BootEntry, BOOT_CODE_SELECTOR, BOOT_DATA_SELECTOR, BOOT_GDT, BOOT_IDT_START, BOOT_TSS_SELECTOR};
+use crate::boot::{
+    BootEntry, BOOT_CODE_SELECTOR, BOOT_DATA_SELECTOR, BOOT_GDT, BOOT_IDT_START, BOOT_TSS_SELECTOR,
+};
 use crate::layout::{BOOT_GDT_START, BOOT_STACK_POINTER, PML4_START, ZERO_PAGE_START};
 
 /// Errors setting a vCPU's boot state.
@@ -72,14 +74,29 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 /// Sets vCPU `index`'s CPUID and boot state so that it starts the kernel at `entry`.
-pub fn configure(vcpu: &VcpuFd, index: u32, cpuid: &CpuId, entry: BootEntry) -> Result<(), RegsError> {
-    let err = |ioctl| move |source| RegsError::Ioctl { index, ioctl, source };
+pub fn configure(
+    vcpu: &VcpuFd,
+    index: u32,
+    cpuid: &CpuId,
+    entry: BootEntry,
+) -> Result<(), RegsError> {
+    let err = |ioctl| {
+        move |source| RegsError::Ioctl {
+            index,
+            ioctl,
+            source,
+        }
+    };
     vcpu.set_cpuid2(cpuid).map_err(err("KVM_SET_CPUID2"))?;
 
     let msrs = boot_msrs();
     let set = vcpu.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
     if set != msrs.as_slice().len() {
-        return Err(RegsError::Msrs { index, set, wanted: msrs.as_slice().len() });
+        return Err(RegsError::Msrs {
+            index,
+            set,
+            wanted: msrs.as_slice().len(),
+        });
     }
 
     let regs = kvm_regs {
@@ -92,7 +109,11 @@ pub fn configure(vcpu: &VcpuFd, index: u32, cpuid: &CpuId, entry: BootEntry) -> 
     };
     vcpu.set_regs(&regs).map_err(err("KVM_SET_REGS"))?;
 
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(err("KVM_SET_FPU"))?;
 
     let mut sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
@@ -124,7 +145,11 @@ pub fn configure(vcpu: &VcpuFd, index: u32, cpuid: &CpuId, entry: BootEntry) -> 
 }
 
 fn boot_msrs() -> Msrs {
-    let e = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let e = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     let entries = [
         e(MSR_IA32_SYSENTER_CS, 0),
         e(MSR_IA32_SYSENTER_ESP, 0),
@@ -185,7 +210,10 @@ mod tests {
     #[test]
     fn gdt_descriptors_decode_to_long_mode_segments() {
         let cs = segment(BOOT_GDT[1], BOOT_CODE_SELECTOR);
-        assert_eq!((cs.l, cs.db, cs.present, cs.type_, cs.limit), (1, 0, 1, 0xb, 0xffff_ffff));
+        assert_eq!(
+            (cs.l, cs.db, cs.present, cs.type_, cs.limit),
+            (1, 0, 1, 0xb, 0xffff_ffff)
+        );
         let ds = segment(BOOT_GDT[2], BOOT_DATA_SELECTOR);
         assert_eq!((ds.l, ds.db, ds.type_, ds.s), (0, 1, 0x3, 1));
         let tr = segment(BOOT_GDT[3], BOOT_TSS_SELECTOR);

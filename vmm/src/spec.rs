@@ -15,6 +15,8 @@ use toml::Spanned;
 pub const VCPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=32;
 /// Guest memory a spec may ask for, in MiB.
 pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=65536;
+/// Drives plus networks one VM can have: each takes one IOAPIC pin (GSI 5..=23).
+pub const MAX_DEVICES: usize = 19;
 /// Longest user part of the kernel command line.
 pub const CMDLINE_MAX: usize = 1024;
 
@@ -104,8 +106,6 @@ pub struct Spec {
     pub drives: Vec<DriveSpec>,
     /// Network interfaces in spec order.
     pub nets: Vec<NetSpec>,
-    /// Control API socket, absolute.
-    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -120,8 +120,6 @@ struct RawSpec {
     drive: Vec<RawDrive>,
     #[serde(default)]
     net: Vec<RawNet>,
-    #[serde(default)]
-    api: RawApi,
 }
 
 #[derive(Deserialize)]
@@ -163,12 +161,6 @@ struct RawNet {
     mac: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawApi {
-    socket: Option<Spanned<String>>,
-}
-
 /// Locates byte offsets of one spec text as lines, columns and keys.
 struct Locator<'a> {
     file: &'a Path,
@@ -176,7 +168,12 @@ struct Locator<'a> {
 }
 
 impl Locator<'_> {
-    fn error(&self, span: Option<Range<usize>>, key: &str, message: impl Into<String>) -> SpecError {
+    fn error(
+        &self,
+        span: Option<Range<usize>>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> SpecError {
         let (line, column) = match &span {
             Some(s) => {
                 let start = s.start.min(self.text.len());
@@ -206,17 +203,26 @@ impl Locator<'_> {
     fn key_at(&self, offset: usize) -> String {
         let offset = offset.min(self.text.len());
         let line_start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = self.text[offset..].find('\n').map_or(self.text.len(), |i| offset + i);
+        let line_end = self.text[offset..]
+            .find('\n')
+            .map_or(self.text.len(), |i| offset + i);
         let line = self.text[line_start..line_end].trim();
         let header = |l: &str| {
             let l = l.trim();
-            l.starts_with('[').then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+            l.starts_with('[')
+                .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
         };
         if let Some(table) = header(line) {
             return table;
         }
         let table = self.text[..line_start].lines().rev().find_map(header);
-        let key = line.split('=').next().unwrap_or("").trim().trim_matches('"').to_string();
+        let key = line
+            .split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_matches('"')
+            .to_string();
         match table {
             Some(t) if !key.is_empty() => format!("{t}.{key}"),
             Some(t) => t,
@@ -234,8 +240,10 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
         key: String::new(),
         message,
     };
-    let abs = std::path::absolute(path).map_err(|e| file_error(format!("cannot resolve the path: {e}")))?;
-    let text = std::fs::read_to_string(&abs).map_err(|e| file_error(format!("cannot read the spec: {e}")))?;
+    let abs = std::path::absolute(path)
+        .map_err(|e| file_error(format!("cannot resolve the path: {e}")))?;
+    let text = std::fs::read_to_string(&abs)
+        .map_err(|e| file_error(format!("cannot read the spec: {e}")))?;
     parse(&abs, &text)
 }
 
@@ -244,7 +252,10 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
 pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
     let loc = Locator { file, text };
     let raw: RawSpec = toml::from_str(text).map_err(|e| {
-        let message = e.message().trim().replace("expected i64", "expected an integer");
+        let message = e
+            .message()
+            .trim()
+            .replace("expected i64", "expected an integer");
         loc.error(e.span(), "", message)
     })?;
     let dir = file.parent().unwrap_or(Path::new("/"));
@@ -254,11 +265,26 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
         return Err(loc.error(
             Some(name.span()),
             "service.name",
-            format!("service name {:?} must be 1-63 characters of a-z, 0-9 and '-'", name.get_ref()),
+            format!(
+                "service name {:?} must be 1-63 characters of a-z, 0-9 and '-'",
+                name.get_ref()
+            ),
         ));
     }
-    let vcpus = ranged(&loc, raw.machine.vcpus.as_ref(), "machine.vcpus", 1, VCPUS_RANGE)?;
-    let memory_mib = ranged(&loc, raw.machine.memory_mib.as_ref(), "machine.memory_mib", 256, MEMORY_MIB_RANGE)?;
+    let vcpus = ranged(
+        &loc,
+        raw.machine.vcpus.as_ref(),
+        "machine.vcpus",
+        1,
+        VCPUS_RANGE,
+    )?;
+    let memory_mib = ranged(
+        &loc,
+        raw.machine.memory_mib.as_ref(),
+        "machine.memory_mib",
+        256,
+        MEMORY_MIB_RANGE,
+    )?;
 
     let kernel = readable(&loc, dir, raw.boot.kernel.as_ref(), "boot.kernel")?;
     let initrd = readable(&loc, dir, raw.boot.initrd.as_ref(), "boot.initrd")?;
@@ -267,10 +293,18 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
         Some(c) => {
             let s = c.get_ref();
             if s.len() > CMDLINE_MAX {
-                return Err(loc.error(Some(c.span()), "boot.cmdline", format!("cmdline is {} bytes, more than {CMDLINE_MAX}", s.len())));
+                return Err(loc.error(
+                    Some(c.span()),
+                    "boot.cmdline",
+                    format!("cmdline is {} bytes, more than {CMDLINE_MAX}", s.len()),
+                ));
             }
             if let Some(bad) = s.chars().find(|ch| !(' '..='~').contains(ch)) {
-                return Err(loc.error(Some(c.span()), "boot.cmdline", format!("cmdline has the character {bad:?}; only printable ASCII is allowed")));
+                return Err(loc.error(
+                    Some(c.span()),
+                    "boot.cmdline",
+                    format!("cmdline has the character {bad:?}; only printable ASCII is allowed"),
+                ));
             }
             if let Some(n) = init_args(s).filter(|n| *n > MAX_INIT_ARGS) {
                 return Err(loc.error(
@@ -288,38 +322,85 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
 
     let mut drives: Vec<DriveSpec> = Vec::new();
     for d in &raw.drive {
-        let id = unique_id(&loc, &d.id, "drive.id", drives.iter().map(|x| x.id.as_str()))?;
+        let id = unique_id(
+            &loc,
+            &d.id,
+            "drive.id",
+            drives.iter().map(|x| x.id.as_str()),
+        )?;
         let path = readable(&loc, dir, Some(&d.path), "drive.path")?.unwrap_or_default();
         let cache = match d.cache.as_ref().map(|c| (c, c.get_ref().as_str())) {
             None | Some((_, "writeback")) => CacheMode::Writeback,
             Some((_, "none")) => CacheMode::None,
             Some((c, other)) => {
-                return Err(loc.error(Some(c.span()), "drive.cache", format!("cache {other:?} is not one of \"writeback\", \"none\"")))
+                return Err(loc.error(
+                    Some(c.span()),
+                    "drive.cache",
+                    format!("cache {other:?} is not one of \"writeback\", \"none\""),
+                ))
             }
         };
-        drives.push(DriveSpec { id, path, read_only: d.read_only, cache });
+        drives.push(DriveSpec {
+            id,
+            path,
+            read_only: d.read_only,
+            cache,
+        });
     }
 
     let mut nets: Vec<NetSpec> = Vec::new();
     for n in &raw.net {
         let id = unique_id(&loc, &n.id, "net.id", nets.iter().map(|x| x.id.as_str()))?;
         let tap = n.tap.get_ref();
-        if tap.is_empty() || tap.len() > 15 || !tap.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
-            return Err(loc.error(Some(n.tap.span()), "net.tap", format!("TAP name {tap:?} must be 1-15 characters of letters, digits, '-', '_' and '.'")));
+        if tap.is_empty()
+            || tap.len() > 15
+            || !tap
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(loc.error(
+                Some(n.tap.span()),
+                "net.tap",
+                format!(
+                    "TAP name {tap:?} must be 1-15 characters of letters, digits, '-', '_' and '.'"
+                ),
+            ));
         }
         let mac = match &n.mac {
             None => None,
             Some(m) => Some(parse_mac(m.get_ref()).ok_or_else(|| {
-                loc.error(Some(m.span()), "net.mac", format!("MAC {:?} is not six hex bytes like 06:00:ac:10:00:02, or is multicast", m.get_ref()))
+                loc.error(
+                    Some(m.span()),
+                    "net.mac",
+                    format!(
+                        "MAC {:?} is not six hex bytes like 06:00:ac:10:00:02, or is multicast",
+                        m.get_ref()
+                    ),
+                )
             })?),
         };
         if let Some(other) = nets.iter().find(|x| x.tap == *tap) {
-            return Err(loc.error(Some(n.tap.span()), "net.tap", format!("TAP {tap:?} is already used by net {:?}", other.id)));
+            return Err(loc.error(
+                Some(n.tap.span()),
+                "net.tap",
+                format!("TAP {tap:?} is already used by net {:?}", other.id),
+            ));
         }
-        nets.push(NetSpec { id, tap: tap.clone(), mac });
+        nets.push(NetSpec {
+            id,
+            tap: tap.clone(),
+            mac,
+        });
     }
 
-    let api_socket = raw.api.socket.as_ref().map(|s| dir.join(s.get_ref()));
+    if drives.len() + nets.len() > MAX_DEVICES {
+        let span = raw.net.last().map(|n| n.id.span()).or_else(|| raw.drive.last().map(|d| d.id.span()));
+        return Err(loc.error(
+            span,
+            "",
+            format!("{} drives and {} networks: a VM has room for at most {MAX_DEVICES} devices", drives.len(), nets.len()),
+        ));
+    }
 
     Ok(Spec {
         file: file.to_path_buf(),
@@ -331,7 +412,6 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
         cmdline,
         drives,
         nets,
-        api_socket,
     })
 }
 
@@ -362,7 +442,10 @@ fn init_args(cmdline: &str) -> Option<usize> {
 }
 
 fn valid_name(s: &str, max: usize) -> bool {
-    !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    !s.is_empty()
+        && s.len() <= max
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 fn ranged(
@@ -377,17 +460,39 @@ fn ranged(
         .ok()
         .filter(|n| range.contains(n))
         .ok_or_else(|| {
-            loc.error(Some(v.span()), key, format!("{} is out of range {}..={}", v.get_ref(), range.start(), range.end()))
+            loc.error(
+                Some(v.span()),
+                key,
+                format!(
+                    "{} is out of range {}..={}",
+                    v.get_ref(),
+                    range.start(),
+                    range.end()
+                ),
+            )
         })
 }
 
-fn readable(loc: &Locator<'_>, dir: &Path, value: Option<&Spanned<String>>, key: &str) -> Result<Option<PathBuf>, SpecError> {
+fn readable(
+    loc: &Locator<'_>,
+    dir: &Path,
+    value: Option<&Spanned<String>>,
+    key: &str,
+) -> Result<Option<PathBuf>, SpecError> {
     let Some(v) = value else { return Ok(None) };
     let path = dir.join(v.get_ref());
     match File::open(&path).and_then(|f| f.metadata()) {
         Ok(m) if m.is_file() => Ok(Some(path)),
-        Ok(_) => Err(loc.error(Some(v.span()), key, format!("{} is not a regular file", path.display()))),
-        Err(e) => Err(loc.error(Some(v.span()), key, format!("cannot open {}: {e}", path.display()))),
+        Ok(_) => Err(loc.error(
+            Some(v.span()),
+            key,
+            format!("{} is not a regular file", path.display()),
+        )),
+        Err(e) => Err(loc.error(
+            Some(v.span()),
+            key,
+            format!("cannot open {}: {e}", path.display()),
+        )),
     }
 }
 
@@ -399,7 +504,11 @@ fn unique_id<'a>(
 ) -> Result<String, SpecError> {
     let s = id.get_ref();
     if !valid_name(s, 20) {
-        return Err(loc.error(Some(id.span()), key, format!("id {s:?} must be 1-20 characters of a-z, 0-9 and '-'")));
+        return Err(loc.error(
+            Some(id.span()),
+            key,
+            format!("id {s:?} must be 1-20 characters of a-z, 0-9 and '-'"),
+        ));
     }
     if seen.any(|x| x == s) {
         return Err(loc.error(Some(id.span()), key, format!("id {s:?} is used twice")));
@@ -445,7 +554,11 @@ mod tests {
         let e = err("[service]\nname = \"hello\"\n[machine]\nvcpus = 33\n");
         assert_eq!((e.line, e.column, e.key.as_str()), (4, 9, "machine.vcpus"));
         assert!(e.to_string().contains("33 is out of range 1..=32"), "{e}");
-        assert!(e.to_string().starts_with("/specs/t.toml:4:9: key `machine.vcpus`"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("/specs/t.toml:4:9: key `machine.vcpus`"),
+            "{e}"
+        );
 
         let e = err("[service]\nname = \"hello\"\n[machine]\nmemory_mib = \"lots\"\n");
         assert_eq!((e.line, e.key.as_str()), (4, "machine.memory_mib"));
@@ -473,8 +586,13 @@ mod tests {
 
     #[test]
     fn too_many_init_words_are_refused_unless_quoted() {
-        let long = (0..40).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
-        let e = err(&format!("[service]\nname = \"x\"\n[boot]\ncmdline = \"quiet -- {long}\"\n"));
+        let long = (0..40)
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let e = err(&format!(
+            "[service]\nname = \"x\"\n[boot]\ncmdline = \"quiet -- {long}\"\n"
+        ));
         assert_eq!(e.key, "boot.cmdline");
         assert!(e.message.contains("40 words"), "{e}");
         let quoted = format!("[service]\nname = \"x\"\n[boot]\ncmdline = 'quiet -- \"{long}\"'\n");
@@ -500,6 +618,9 @@ mod tests {
         assert_eq!((e.line, e.key.as_str()), (7, "drive.id"));
         let bad_mac = "[service]\nname = \"x\"\n[[net]]\nid = \"n\"\ntap = \"t\"\nmac = \"01:00:00:00:00:00\"\n";
         assert_eq!(parse(&file, bad_mac).unwrap_err().key, "net.mac");
+        let many: String = (0..20).map(|i| format!("[[drive]]\nid = \"d{i}\"\npath = \"d.img\"\n")).collect();
+        let e = parse(&file, &format!("[service]\nname = \"x\"\n{many}")).unwrap_err();
+        assert!(e.message.contains("at most 19 devices") && e.key == "drive.id", "{e}");
         let bad_cache = "[service]\nname = \"x\"\n[[drive]]\nid = \"a\"\npath = \"d.img\"\ncache = \"unsafe\"\n";
         assert_eq!(parse(&file, bad_cache).unwrap_err().key, "drive.cache");
         std::fs::remove_dir_all(&dir).unwrap();

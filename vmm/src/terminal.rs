@@ -27,7 +27,7 @@ impl RawMode {
         // SAFETY: `raw` is an initialized termios; cfmakeraw only edits its flags.
         unsafe { libc::cfmakeraw(&mut raw) };
         raw.c_oflag = saved.c_oflag; // keep the host's output processing (\n -> \r\n)
-        // SAFETY: `raw` is a valid termios for tcsetattr.
+                                     // SAFETY: `raw` is a valid termios for tcsetattr.
         if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
             return Err(io::Error::last_os_error());
         }

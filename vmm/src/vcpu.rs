@@ -43,17 +43,19 @@ pub struct VcpuLinks {
 
 /// Starts vCPU `index` on its own thread.
 pub fn spawn(index: u32, mut fd: VcpuFd, links: VcpuLinks) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
-        let event = run(index, &mut fd, &links);
-        // The receiver lives as long as the VMM thread's loop; if it is gone the process is
-        // exiting anyway.
-        let _ = links.events.send(event);
-        let _ = links.wake.write(1);
-        // Park: the process ends when the VMM thread decides, not when a vCPU returns.
-        loop {
-            std::thread::park();
-        }
-    })
+    std::thread::Builder::new()
+        .name(format!("vcpu{index}"))
+        .spawn(move || {
+            let event = run(index, &mut fd, &links);
+            // The receiver lives as long as the VMM thread's loop; if it is gone the process is
+            // exiting anyway.
+            let _ = links.events.send(event);
+            let _ = links.wake.write(1);
+            // Park: the process ends when the VMM thread decides, not when a vCPU returns.
+            loop {
+                std::thread::park();
+            }
+        })
 }
 
 fn run(index: u32, fd: &mut VcpuFd, links: &VcpuLinks) -> VcpuEvent {
@@ -69,13 +71,19 @@ fn run(index: u32, fd: &mut VcpuFd, links: &VcpuLinks) -> VcpuEvent {
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !links.mmio.read(addr, data) {
-                    tracing::debug!("vcpu{index}: MMIO read of {} bytes at {addr:#x}: no device", data.len());
+                    tracing::debug!(
+                        "vcpu{index}: MMIO read of {} bytes at {addr:#x}: no device",
+                        data.len()
+                    );
                 }
                 continue;
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 if !links.mmio.write(addr, data) {
-                    tracing::debug!("vcpu{index}: MMIO write of {} bytes at {addr:#x}: no device", data.len());
+                    tracing::debug!(
+                        "vcpu{index}: MMIO write of {} bytes at {addr:#x}: no device",
+                        data.len()
+                    );
                 }
                 continue;
             }
@@ -87,7 +95,9 @@ fn run(index: u32, fd: &mut VcpuFd, links: &VcpuLinks) -> VcpuEvent {
                 other => format!("unknown KVM system event {other}"),
             },
             Ok(VcpuExit::Shutdown) => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
-            Ok(VcpuExit::InternalError) => "KVM internal error (KVM_EXIT_INTERNAL_ERROR)".to_string(),
+            Ok(VcpuExit::InternalError) => {
+                "KVM internal error (KVM_EXIT_INTERNAL_ERROR)".to_string()
+            }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 format!("KVM_RUN entry failed: hardware reason {reason:#x} on host cpu {cpu}")
             }
@@ -95,7 +105,10 @@ fn run(index: u32, fd: &mut VcpuFd, links: &VcpuLinks) -> VcpuEvent {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => format!("KVM_RUN: {e}"),
         };
-        return VcpuEvent::Failed { index, reason: format!("{failure}; {}", describe_registers(fd)) };
+        return VcpuEvent::Failed {
+            index,
+            reason: format!("{failure}; {}", describe_registers(fd)),
+        };
     }
 }
 

@@ -77,7 +77,10 @@ pub fn default_guest_dir() -> PathBuf {
 /// The spec's kernel and initrd, or the default guest's when the spec names no kernel.
 pub fn boot_files(spec: &Spec) -> Result<BootFiles, VmmError> {
     if let Some(kernel) = &spec.kernel {
-        return Ok(BootFiles { kernel: kernel.clone(), initrd: spec.initrd.clone() });
+        return Ok(BootFiles {
+            kernel: kernel.clone(),
+            initrd: spec.initrd.clone(),
+        });
     }
     let dir = default_guest_dir();
     let kernel = dir.join("vmlinuz");
@@ -85,13 +88,20 @@ pub fn boot_files(spec: &Spec) -> Result<BootFiles, VmmError> {
     if !kernel.is_file() || !initrd.is_file() {
         return Err(VmmError::NoDefaultGuest { dir });
     }
-    Ok(BootFiles { kernel, initrd: Some(spec.initrd.clone().unwrap_or(initrd)) })
+    Ok(BootFiles {
+        kernel,
+        initrd: Some(spec.initrd.clone().unwrap_or(initrd)),
+    })
 }
 
 /// Whether this host's CPU offers hardware virtualization (vmx or svm).
 pub fn host_has_hardware_virtualization() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
-        .map(|s| s.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm")))
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
         .unwrap_or(true)
 }
 
@@ -136,7 +146,12 @@ impl MutEventSubscriber for Supervisor {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.poweroff.as_raw_fd(), self.reset.as_raw_fd(), self.vcpu_wake.as_raw_fd(), self.signals.as_raw_fd()] {
+        for fd in [
+            self.poweroff.as_raw_fd(),
+            self.reset.as_raw_fd(),
+            self.vcpu_wake.as_raw_fd(),
+            self.signals.as_raw_fd(),
+        ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, 0, EventSet::IN)) {
                 tracing::error!("cannot watch fd {fd}: {e:?}");
             }
@@ -237,13 +252,34 @@ fn virtio_devices(spec: &Spec) -> Result<Vec<Box<dyn virtio::VirtioDevice + Send
             crate::spec::CacheMode::Writeback => virtio::CacheMode::Writeback,
             crate::spec::CacheMode::None => virtio::CacheMode::None,
         };
-        let config = BlockConfig { id: d.id.clone(), path: d.path.clone(), read_only: d.read_only, cache };
-        out.push(Box::new(Block::new(config).map_err(|e| VmmError::Device { id: d.id.clone(), reason: e.to_string() })?));
+        let config = BlockConfig {
+            id: d.id.clone(),
+            path: d.path.clone(),
+            read_only: d.read_only,
+            cache,
+        };
+        out.push(Box::new(Block::new(config).map_err(|e| {
+            VmmError::Device {
+                id: d.id.clone(),
+                reason: e.to_string(),
+            }
+        })?));
     }
     for n in &spec.nets {
-        let mac = n.mac.unwrap_or_else(|| virtio::mac_from_name(&spec.name, &n.id));
-        let config = virtio::NetConfig { id: n.id.clone(), tap: n.tap.clone(), mac };
-        out.push(Box::new(Net::new(config).map_err(|e| VmmError::Device { id: n.id.clone(), reason: e.to_string() })?));
+        let mac = n
+            .mac
+            .unwrap_or_else(|| virtio::mac_from_name(&spec.name, &n.id));
+        let config = virtio::NetConfig {
+            id: n.id.clone(),
+            tap: n.tap.clone(),
+            mac,
+        };
+        out.push(Box::new(Net::new(config).map_err(|e| {
+            VmmError::Device {
+                id: n.id.clone(),
+                reason: e.to_string(),
+            }
+        })?));
     }
     Ok(out)
 }
@@ -259,12 +295,16 @@ fn attach_virtio(
     device: Box<dyn virtio::VirtioDevice + Send>,
 ) -> Result<Arc<Mutex<MmioTransport>>, VmmError> {
     let irq = eventfd("virtio interrupt")?;
-    vm.register_irqfd(&irq, slot.gsi).map_err(kvm_err("KVM_IRQFD for a virtio device"))?;
-    let transport = MmioTransport::new(mem.clone(), device, irq)
-        .map_err(|e| VmmError::Device { id: format!("virtio-mmio@{:#x}", slot.base), reason: e.to_string() })?;
+    vm.register_irqfd(&irq, slot.gsi)
+        .map_err(kvm_err("KVM_IRQFD for a virtio device"))?;
+    let transport = MmioTransport::new(mem.clone(), device, irq).map_err(|e| VmmError::Device {
+        id: format!("virtio-mmio@{:#x}", slot.base),
+        reason: e.to_string(),
+    })?;
     let notify = IoEventAddress::Mmio(slot.base + virtio::mmio::REG_QUEUE_NOTIFY);
     for (index, evt) in transport.queue_events().iter().enumerate() {
-        vm.register_ioevent(evt, &notify, index as u32).map_err(kvm_err("KVM_IOEVENTFD for a virtio queue"))?;
+        vm.register_ioevent(evt, &notify, index as u32)
+            .map_err(kvm_err("KVM_IOEVENTFD for a virtio queue"))?;
     }
     let transport = Arc::new(Mutex::new(transport));
     mmio.insert(slot.base, VIRTIO_MMIO_SIZE, transport.clone())?;
@@ -276,7 +316,12 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
     // 1. KVM and the host.
     check_host()?;
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
-    for (cap, name) in [(Cap::Irqchip, "irqchip"), (Cap::Irqfd, "irqfd"), (Cap::Ioeventfd, "ioeventfd"), (Cap::UserMemory, "user memory")] {
+    for (cap, name) in [
+        (Cap::Irqchip, "irqchip"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Ioeventfd, "ioeventfd"),
+        (Cap::UserMemory, "user memory"),
+    ] {
         if !kvm.check_extension(cap) {
             return Err(VmmError::MissingCapability(name));
         }
@@ -284,9 +329,14 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
 
     // 2-3. VM, TSS, irqchip, PIT.
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
     // 4. Memory.
@@ -299,31 +349,72 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
     let serial_irq = eventfd("COM1 interrupt")?;
-    vm.register_irqfd(&serial_irq, COM1_GSI).map_err(kvm_err("KVM_IRQFD for COM1"))?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, SerialOutput(Box::new(io::stdout())))));
+    vm.register_irqfd(&serial_irq, COM1_GSI)
+        .map_err(kvm_err("KVM_IRQFD for COM1"))?;
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        serial_irq,
+        SerialOutput(Box::new(io::stdout())),
+    )));
     pio.insert(u64::from(COM1_PORT), 8, serial.clone())?;
-    let clone = |e: &EventFd| e.try_clone().map_err(|source| VmmError::Io { what: "eventfd clone", source });
-    pio.insert(u64::from(I8042_PORT), 5, Arc::new(Mutex::new(I8042::new(clone(&reset)?))))?;
-    pio.insert(u64::from(ACPI_POWER_PORT), 1, Arc::new(Mutex::new(AcpiPower::new(clone(&poweroff)?, clone(&reset)?))))?;
+    let clone = |e: &EventFd| {
+        e.try_clone().map_err(|source| VmmError::Io {
+            what: "eventfd clone",
+            source,
+        })
+    };
+    pio.insert(
+        u64::from(I8042_PORT),
+        5,
+        Arc::new(Mutex::new(I8042::new(clone(&reset)?))),
+    )?;
+    pio.insert(
+        u64::from(ACPI_POWER_PORT),
+        1,
+        Arc::new(Mutex::new(AcpiPower::new(
+            clone(&poweroff)?,
+            clone(&reset)?,
+        ))),
+    )?;
     let virtio_devices = virtio_devices(spec)?;
-    let mut machine = AcpiMachine { vcpus: spec.vcpus, virtio: Vec::new() };
+    let mut machine = AcpiMachine {
+        vcpus: spec.vcpus,
+        virtio: Vec::new(),
+    };
     let mut transports = Vec::new();
     for (i, device) in virtio_devices.into_iter().enumerate() {
-        let slot = VirtioMmioSlot { base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE, gsi: VIRTIO_GSI_START + i as u32 };
+        let slot = VirtioMmioSlot {
+            base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE,
+            gsi: VIRTIO_GSI_START + i as u32,
+        };
         transports.push(attach_virtio(&vm, &mem, &mut mmio, slot, device)?);
         machine.virtio.push(slot);
     }
 
     // 6. Boot memory and ACPI.
-    let cmdline = if spec.cmdline.is_empty() { BASE_CMDLINE.to_string() } else { format!("{BASE_CMDLINE} {}", spec.cmdline) };
-    let entry = boot::load(&mem, &BootSource { kernel: &files.kernel, initrd: files.initrd.as_deref(), cmdline: &cmdline })?;
+    let cmdline = if spec.cmdline.is_empty() {
+        BASE_CMDLINE.to_string()
+    } else {
+        format!("{BASE_CMDLINE} {}", spec.cmdline)
+    };
+    let entry = boot::load(
+        &mem,
+        &BootSource {
+            kernel: &files.kernel,
+            initrd: files.initrd.as_deref(),
+            cmdline: &cmdline,
+        },
+    )?;
     acpi::write_tables(&mem, &machine)?;
 
     // 7. vCPUs.
-    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::new();
     for index in 0..spec.vcpus {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let mut cpuid = supported.clone();
         cpuid::normalize(&mut cpuid, index, spec.vcpus);
         regs::configure(&fd, index, &cpuid, entry)?;
@@ -332,7 +423,10 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
 
     // The event loop. Signals are blocked before the vCPU threads start so they inherit
     // the mask and only the signalfd sees SIGINT/SIGTERM.
-    let signals = signal_fd().map_err(|source| VmmError::Io { what: "signalfd", source })?;
+    let signals = signal_fd().map_err(|source| VmmError::Io {
+        what: "signalfd",
+        source,
+    })?;
     let vcpu_wake = eventfd("vCPU wake")?;
     let (tx, rx) = channel();
     let supervisor = Arc::new(Mutex::new(Supervisor {
@@ -350,7 +444,9 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
         events.add_subscriber(transport);
     }
     let _raw_terminal = if terminal::stdin_is_terminal() {
-        events.add_subscriber(Arc::new(Mutex::new(ConsoleInput { serial: serial.clone() })));
+        events.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
+            serial: serial.clone(),
+        })));
         terminal::RawMode::enter().ok()
     } else {
         None
@@ -358,8 +454,16 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
 
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     for (index, fd) in vcpus.into_iter().enumerate() {
-        let links = VcpuLinks { pio: pio.clone(), mmio: mmio.clone(), events: tx.clone(), wake: clone(&vcpu_wake)? };
-        vcpu::spawn(index as u32, fd, links).map_err(|source| VmmError::Io { what: "spawning a vCPU thread", source })?;
+        let links = VcpuLinks {
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            events: tx.clone(),
+            wake: clone(&vcpu_wake)?,
+        };
+        vcpu::spawn(index as u32, fd, links).map_err(|source| VmmError::Io {
+            what: "spawning a vCPU thread",
+            source,
+        })?;
     }
     tracing::info!(service = %spec.name, vcpus = spec.vcpus, memory_mib = spec.memory_mib, "VM started");
 
@@ -372,6 +476,8 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
             std::mem::forget(mem);
             return outcome;
         }
-        events.run().map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
+        events
+            .run()
+            .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
     }
 }

@@ -43,7 +43,9 @@ impl BusDevice for AcpiPower {
         let evt = if value == ACPI_RESET_VALUE {
             tracing::info!("guest wrote the ACPI reset register");
             &self.reset_evt
-        } else if value & SLEEP_ENABLE != 0 && value & SLEEP_TYPE_MASK == ACPI_SLEEP_S5 & SLEEP_TYPE_MASK {
+        } else if value & SLEEP_ENABLE != 0
+            && value & SLEEP_TYPE_MASK == ACPI_SLEEP_S5 & SLEEP_TYPE_MASK
+        {
             tracing::info!("guest entered ACPI S5 (power off)");
             &self.poweroff_evt
         } else {

@@ -104,7 +104,10 @@ mod tests {
     fn guest_output_reaches_the_writer_and_input_the_guest() {
         let sink = Sink::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut uart = SerialConsole::new(irq.try_clone().unwrap(), SerialOutput(Box::new(sink.clone())));
+        let mut uart = SerialConsole::new(
+            irq.try_clone().unwrap(),
+            SerialOutput(Box::new(sink.clone())),
+        );
         for b in b"hi" {
             uart.write(0, &[*b]);
         }

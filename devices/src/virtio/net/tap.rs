@@ -121,21 +121,6 @@ fn validate_name(name: &str) -> Result<(), NetError> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tap_names_are_checked() {
-        assert!(validate_name("tap0").is_ok());
-        assert!(validate_name("hospes-web-0123").is_ok());
-        for bad in ["", "hospes-web-01234", "a/b", "a b", "..", "x:y", "t\u{e9}"] {
-            let err = validate_name(bad).unwrap_err();
-            assert!(err.to_string().contains(bad), "{err}");
-        }
-    }
-}
-
 /// Sets IFF_UP on interface `name` (a TAP hospes created is down, and a down TAP drops
 /// every frame); addresses and routes stay the host administrator's business.
 fn set_link_up(name: &str) -> io::Result<()> {
@@ -167,4 +152,19 @@ fn set_link_up(name: &str) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_are_checked() {
+        assert!(validate_name("tap0").is_ok());
+        assert!(validate_name("hospes-web-0123").is_ok());
+        for bad in ["", "hospes-web-01234", "a/b", "a b", "..", "x:y", "t\u{e9}"] {
+            let err = validate_name(bad).unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
 }
