@@ -8,6 +8,16 @@ pub mod block;
 mod chain;
 pub mod mmio;
 pub mod net;
+/// Copies a device's config space at `offset` into `data`; bytes of `data` past the end
+/// of the config space are left as the transport filled them.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(config.len());
+    let end = start.saturating_add(data.len()).min(config.len());
+    data[..end - start].copy_from_slice(&config[start..end]);
+}
+
 #[cfg(test)]
 mod test_utils;
 

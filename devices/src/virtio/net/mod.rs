@@ -22,8 +22,9 @@ use vm_memory::Bytes;
 
 use self::tap::Tap;
 use super::{
-    chain, process_batch, warn_limited, DeviceContext, DeviceError, VirtioDevice, WarnLimiter,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    chain, process_batch, read_config_bytes, warn_limited, DeviceContext, DeviceError,
+    VirtioDevice, WarnLimiter, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::GuestMemoryMmap;
 
@@ -271,11 +272,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(CONFIG_LEN);
-        let end = start.saturating_add(data.len()).min(CONFIG_LEN);
-        data[..end - start].copy_from_slice(&self.config[start..end]);
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
