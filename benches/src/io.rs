@@ -203,7 +203,10 @@ const GUEST_MAC: &str = "06:00:ac:10:00:02";
 const PORT_G2H: u16 = 5001;
 const PORT_H2G: u16 = 5002;
 const IMAGE: &str = "/data/guest.img";
-const RUN_TIMEOUT: Duration = Duration::from_secs(900);
+/// A native round takes ~15 s in the rig, a guest round ~40 s: generous, but a hung guest
+/// must not eat the benchmark's time.
+const NATIVE_TIMEOUT: Duration = Duration::from_secs(300);
+const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// L2 setup, once per L2 boot: the guest image onto /data, the TAP, the hospes spec, and
 /// `guest_run`, which runs a VMM command line with the L2 end of both TCP tests around it.
@@ -387,7 +390,47 @@ pub fn run(
                     vmm_command(env, params)
                 ),
             };
-            let out = l2.run(&script, RUN_TIMEOUT)?;
+            let timeout = if env == Env::Native {
+                NATIVE_TIMEOUT
+            } else {
+                GUEST_TIMEOUT
+            };
+            let out = match l2.run(&script, timeout) {
+                Ok(out) => out,
+                // A hung guest costs one run, not the benchmark, while L2 still answers.
+                Err(RigError::Timeout {
+                    partial,
+                    agent_alive: true,
+                    ..
+                }) if env != Env::Native => {
+                    progress(&format!(
+                        "round {round} {}: timed out after {timeout:?}",
+                        env.name()
+                    ));
+                    report.note_failure(
+                        env,
+                        round,
+                        -1,
+                        &format!("{partial}\n(timed out after {timeout:?})"),
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    // L2 is gone or wedged: keep what was measured so far.
+                    let console = l2.console_log();
+                    let tail: Vec<&str> = console.lines().rev().take(30).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    progress(&format!("round {round} {}: {e}", env.name()));
+                    report.note_failure(
+                        env,
+                        round,
+                        -1,
+                        &format!("{e}\nL2 console (tail):\n{}", tail.join("\n")),
+                    );
+                    report.write_charts(out_dir)?;
+                    return Ok(report);
+                }
+            };
             let figures = parse(env, &out.output);
             let shown: Vec<String> = figures
                 .iter()

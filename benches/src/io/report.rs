@@ -108,15 +108,25 @@ impl IoReport {
         let mut s = format!(
             "I/O and CPU, native (L2 host) vs the default guest under hospes and under QEMU microvm \
              (1 vCPU, {} MiB; virtio-blk cache=none on a raw image on L2's ext4, virtio-net on a TAP), \
-             in one L2 boot, median of {} run(s) after a warm-up round. Ratios are relative performance \
+             in one L2 boot, median (min–max) of {} run(s) after a warm-up round. Ratios are relative performance \
              (guest/native; for pi, native time / guest time): 1.0 = native, higher is better.\n\n",
             p.guest_mib, p.runs
         );
         s.push_str("| | native | hospes | QEMU | hospes/native | QEMU/native |\n|---|---|---|---|---|---|\n");
         for row in &self.rows {
-            let abs = |e: Env| {
-                row.median(e)
-                    .map_or("—".to_string(), |v| fmt_value(row.metric, v))
+            let abs = |e: Env| match row.median(e) {
+                None => "—".to_string(),
+                Some(v) => {
+                    let runs = &row.runs[e as usize];
+                    let lo = runs.iter().copied().fold(f64::MAX, f64::min);
+                    let hi = runs.iter().copied().fold(f64::MIN, f64::max);
+                    let f = |x| fmt_value(row.metric, x);
+                    if runs.len() > 1 {
+                        format!("{} ({}–{})", f(v), f(lo), f(hi))
+                    } else {
+                        f(v)
+                    }
+                }
             };
             let rel = |e: Env| {
                 row.relative(e)
@@ -214,5 +224,12 @@ mod tests {
         assert_eq!(r.rows[5].relative(Env::Qemu), Some(0.5));
         let md = r.markdown();
         assert!(md.contains("| 100.0 | 90.0 | — | 0.90× | — |"), "{md}");
+        r.push(Env::Native, Metric::SeqRead, 120.0);
+        r.push(Env::Native, Metric::SeqRead, 80.0);
+        assert!(
+            r.markdown().contains("| 100.0 (80.0–120.0) |"),
+            "{}",
+            r.markdown()
+        );
     }
 }
