@@ -9,7 +9,11 @@ use vmm::vm::Outcome;
 use vmm::VmmError;
 
 #[derive(Parser)]
-#[command(name = "hospes", version, about = "microVMs for services that move between peers while they run")]
+#[command(
+    name = "hospes",
+    version,
+    about = "microVMs for services that move between peers while they run"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,11 +54,15 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    // HOSPES_LOG=error|warn|info|debug|trace; a plain level keeps the binary (and the VMM's
+    // resident memory) free of a regex engine.
+    let level = std::env::var("HOSPES_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::WARN);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HOSPES_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_max_level(level)
         .init();
     let cli = Cli::parse();
     if let Command::Bench { which } = cli.command {
@@ -141,8 +149,13 @@ fn run(command: Command) -> Result<ExitCode, VmmError> {
             let outcome = vmm::vm::run(&s, &files)?;
             match outcome {
                 Outcome::PowerOff => eprintln!("hospes: guest {:?} powered off", s.name),
-                Outcome::Reset => eprintln!("hospes: guest {:?} rebooted; a microVM stops on reboot", s.name),
-                Outcome::Signal(sig) => eprintln!("hospes: stopped guest {:?} on signal {sig}", s.name),
+                Outcome::Reset => eprintln!(
+                    "hospes: guest {:?} rebooted; a microVM stops on reboot",
+                    s.name
+                ),
+                Outcome::Signal(sig) => {
+                    eprintln!("hospes: stopped guest {:?} on signal {sig}", s.name)
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -394,11 +394,19 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
     }
 
     if drives.len() + nets.len() > MAX_DEVICES {
-        let span = raw.net.last().map(|n| n.id.span()).or_else(|| raw.drive.last().map(|d| d.id.span()));
+        let span = raw
+            .net
+            .last()
+            .map(|n| n.id.span())
+            .or_else(|| raw.drive.last().map(|d| d.id.span()));
         return Err(loc.error(
             span,
             "",
-            format!("{} drives and {} networks: a VM has room for at most {MAX_DEVICES} devices", drives.len(), nets.len()),
+            format!(
+                "{} drives and {} networks: a VM has room for at most {MAX_DEVICES} devices",
+                drives.len(),
+                nets.len()
+            ),
         ));
     }
 
@@ -618,9 +626,14 @@ mod tests {
         assert_eq!((e.line, e.key.as_str()), (7, "drive.id"));
         let bad_mac = "[service]\nname = \"x\"\n[[net]]\nid = \"n\"\ntap = \"t\"\nmac = \"01:00:00:00:00:00\"\n";
         assert_eq!(parse(&file, bad_mac).unwrap_err().key, "net.mac");
-        let many: String = (0..20).map(|i| format!("[[drive]]\nid = \"d{i}\"\npath = \"d.img\"\n")).collect();
+        let many: String = (0..20)
+            .map(|i| format!("[[drive]]\nid = \"d{i}\"\npath = \"d.img\"\n"))
+            .collect();
         let e = parse(&file, &format!("[service]\nname = \"x\"\n{many}")).unwrap_err();
-        assert!(e.message.contains("at most 19 devices") && e.key == "drive.id", "{e}");
+        assert!(
+            e.message.contains("at most 19 devices") && e.key == "drive.id",
+            "{e}"
+        );
         let bad_cache = "[service]\nname = \"x\"\n[[drive]]\nid = \"a\"\npath = \"d.img\"\ncache = \"unsafe\"\n";
         assert_eq!(parse(&file, bad_cache).unwrap_err().key, "drive.cache");
         std::fs::remove_dir_all(&dir).unwrap();
