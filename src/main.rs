@@ -1,7 +1,7 @@
 //! The `hospes` command line: parses arguments, runs one subcommand, maps errors to exit
 //! codes (2: bad input such as an invalid spec; 1: any other failure).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -64,18 +64,21 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_max_level(level)
         .init();
-    let cli = Cli::parse();
-    if let Command::Bench { which } = cli.command {
-        return match bench(which) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("hospes bench: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    match run(cli.command) {
-        Ok(code) => code,
+    let result = match Cli::parse().command {
+        Command::Bench { which } => {
+            return match bench(which) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hospes bench: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Check { spec } => check(&spec),
+        Command::Run { spec } => run(&spec),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hospes: {e}");
             match e {
@@ -126,38 +129,33 @@ fn bench(which: BenchCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(command: Command) -> Result<ExitCode, VmmError> {
-    match command {
-        Command::Bench { .. } => unreachable!("handled in main"),
-        Command::Check { spec } => {
-            let s = vmm::spec::load(&spec)?;
-            println!(
-                "{}: service {:?}, {} vCPU, {} MiB, {} drive(s), {} network interface(s): ok",
-                spec.display(),
-                s.name,
-                s.vcpus,
-                s.memory_mib,
-                s.drives.len(),
-                s.nets.len()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Run { spec } => {
-            let s = vmm::spec::load(&spec)?;
-            vmm::vm::check_host()?;
-            let files = vmm::vm::boot_files(&s)?;
-            let outcome = vmm::vm::run(&s, &files)?;
-            match outcome {
-                Outcome::PowerOff => eprintln!("hospes: guest {:?} powered off", s.name),
-                Outcome::Reset => eprintln!(
-                    "hospes: guest {:?} rebooted; a microVM stops on reboot",
-                    s.name
-                ),
-                Outcome::Signal(sig) => {
-                    eprintln!("hospes: stopped guest {:?} on signal {sig}", s.name)
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+/// `hospes check`: validates a spec and summarizes it.
+fn check(spec: &Path) -> Result<(), VmmError> {
+    let s = vmm::spec::load(spec)?;
+    println!(
+        "{}: service {:?}, {} vCPU, {} MiB, {} drive(s), {} network interface(s): ok",
+        spec.display(),
+        s.name,
+        s.vcpus,
+        s.memory_mib,
+        s.drives.len(),
+        s.nets.len()
+    );
+    Ok(())
+}
+
+/// `hospes run`: boots the spec's VM and reports how it ended.
+fn run(spec: &Path) -> Result<(), VmmError> {
+    let s = vmm::spec::load(spec)?;
+    vmm::vm::check_host()?;
+    let files = vmm::vm::boot_files(&s)?;
+    match vmm::vm::run(&s, &files)? {
+        Outcome::PowerOff => eprintln!("hospes: guest {:?} powered off", s.name),
+        Outcome::Reset => eprintln!(
+            "hospes: guest {:?} rebooted; a microVM stops on reboot",
+            s.name
+        ),
+        Outcome::Signal(sig) => eprintln!("hospes: stopped guest {:?} on signal {sig}", s.name),
     }
+    Ok(())
 }
