@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vmm::vm::Outcome;
+use vmm::vm::{Outcome, RunOptions};
 use vmm::VmmError;
 
 #[derive(Parser)]
@@ -25,16 +25,55 @@ enum Command {
     Run {
         /// The service spec (TOML).
         spec: PathBuf,
+        /// Serve the control API (HTTP/1.1 + JSON, docs/api.yaml) on this Unix socket.
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
+    },
+    /// Continue a VM from a snapshot directory (`hospes ctl SOCKET snapshot DIR`). The VM
+    /// runs on the drive images inside DIR: restoring consumes the snapshot.
+    Restore {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Serve the control API on this Unix socket.
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
     },
     /// Validate a service spec without starting anything.
     Check {
         /// The service spec (TOML).
         spec: PathBuf,
     },
+    /// Control a running VM through its API socket (`hospes run --api-sock`).
+    Ctl {
+        /// The VM's API socket.
+        socket: PathBuf,
+        #[command(subcommand)]
+        action: CtlCommand,
+    },
     /// Benchmarks in the nested test rig (benches/): print figures, never pass or fail.
     Bench {
         #[command(subcommand)]
         which: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Print the VM's state, spec and uptime.
+    Status,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume paused vCPUs.
+    Resume,
+    /// Stop the VM; hospes exits.
+    Shutdown,
+    /// Write a snapshot of the running or paused VM into DIR.
+    Snapshot {
+        /// Where to write it (relative to this command's working directory).
+        dir: PathBuf,
+        /// What the VM does once the snapshot is written.
+        #[arg(long, value_parser = ["resume", "stop"], default_value = "resume")]
+        then: String,
     },
 }
 
@@ -74,15 +113,28 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Ctl { socket, action } => {
+            return match ctl(&socket, action) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    // Each message already carries its cause; `{e:#}` would repeat it.
+                    eprintln!("hospes: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Check { spec } => check(&spec),
-        Command::Run { spec } => run(&spec),
+        Command::Run { spec, api_sock } => run(&spec, api_sock),
+        Command::Restore { dir, api_sock } => restore(&dir, api_sock),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hospes: {e}");
             match e {
-                VmmError::Spec(_) | VmmError::NoDefaultGuest { .. } => ExitCode::from(2),
+                VmmError::Spec(_)
+                | VmmError::NoDefaultGuest { .. }
+                | VmmError::BadSnapshot { .. } => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
             }
         }
@@ -129,6 +181,40 @@ fn bench(which: BenchCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `hospes ctl`: one API request; prints the JSON answer, or fails with its error.
+fn ctl(socket: &Path, action: CtlCommand) -> anyhow::Result<()> {
+    let (method, path, body) = match action {
+        CtlCommand::Status => ("GET", "/vm", None),
+        CtlCommand::Pause => ("PUT", "/vm/pause", None),
+        CtlCommand::Resume => ("PUT", "/vm/resume", None),
+        CtlCommand::Shutdown => ("PUT", "/vm/shutdown", None),
+        CtlCommand::Snapshot { dir, then } => {
+            // The server resolves relative paths against its own directory; the user
+            // means this one.
+            let dir = std::path::absolute(&dir).map_err(|e| {
+                anyhow::anyhow!("cannot resolve snapshot dir {}: {e}", dir.display())
+            })?;
+            let Some(dir) = dir.to_str() else {
+                anyhow::bail!("snapshot dir {} is not valid UTF-8", dir.display());
+            };
+            let body = serde_json::json!({ "dir": dir, "then": then });
+            ("PUT", "/snapshot", Some(body))
+        }
+    };
+    let response = vmm::api::request(socket, method, path, body.as_ref())?;
+    if !response.is_success() {
+        let message = match response.error_message() {
+            Some(m) => m.to_owned(),
+            None => response.body.to_string(),
+        };
+        anyhow::bail!("{message} (HTTP {})", response.status);
+    }
+    if !response.body.is_null() {
+        println!("{}", serde_json::to_string_pretty(&response.body)?);
+    }
+    Ok(())
+}
+
 /// `hospes check`: validates a spec and summarizes it.
 fn check(spec: &Path) -> Result<(), VmmError> {
     let s = vmm::spec::load(spec)?;
@@ -144,18 +230,40 @@ fn check(spec: &Path) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// `hospes run`: boots the spec's VM and reports how it ended.
-fn run(spec: &Path) -> Result<(), VmmError> {
+/// `hospes run`: boots the spec's VM and reports how it ended. The API socket comes from
+/// `--api-sock`, else from the spec's `[api] socket`.
+fn run(spec: &Path, api_sock: Option<PathBuf>) -> Result<(), VmmError> {
     let s = vmm::spec::load(spec)?;
     vmm::vm::check_host()?;
     let files = vmm::vm::boot_files(&s)?;
-    match vmm::vm::run(&s, &files)? {
-        Outcome::PowerOff => eprintln!("hospes: guest {:?} powered off", s.name),
-        Outcome::Reset => eprintln!(
-            "hospes: guest {:?} rebooted; a microVM stops on reboot",
-            s.name
-        ),
-        Outcome::Signal(sig) => eprintln!("hospes: stopped guest {:?} on signal {sig}", s.name),
-    }
+    let options = RunOptions {
+        api_socket: api_sock.or_else(|| s.api_socket.clone()),
+    };
+    let outcome = vmm::vm::run(&s, &files, &options)?;
+    report(&s.name, outcome);
     Ok(())
+}
+
+/// `hospes restore`: continues the VM saved in `dir`.
+fn restore(dir: &Path, api_sock: Option<PathBuf>) -> Result<(), VmmError> {
+    // The snapshot is checked before the host: a bad one is reported as such anywhere.
+    let options = RunOptions {
+        api_socket: api_sock,
+    };
+    let outcome = vmm::checkpoint::restore(dir, &options)?;
+    report(&dir.display().to_string(), outcome);
+    Ok(())
+}
+
+fn report(name: &str, outcome: Outcome) {
+    match outcome {
+        Outcome::PowerOff => eprintln!("hospes: guest {name:?} powered off"),
+        Outcome::Reset => eprintln!("hospes: guest {name:?} rebooted; a microVM stops on reboot"),
+        Outcome::Signal(sig) => eprintln!("hospes: stopped guest {name:?} on signal {sig}"),
+        Outcome::Shutdown => eprintln!("hospes: guest {name:?} stopped through the API"),
+        Outcome::Snapshotted(dir) => eprintln!(
+            "hospes: guest {name:?} saved to {} and stopped",
+            dir.display()
+        ),
+    }
 }

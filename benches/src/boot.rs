@@ -124,6 +124,7 @@ pub fn run(
 ) -> Result<BootReport, BootBenchError> {
     let guest: PathBuf = rig::guest_dir()?;
     let cfg = RigConfig::default()
+        .cpus(2)
         .add_binary(hospes, "/usr/local/bin/hospes")
         .add_qemu()
         .add_file(guest.join("vmlinuz"), "/guest/vmlinuz")

@@ -6,13 +6,17 @@
 #![deny(missing_docs)]
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod bus;
+pub mod checkpoint;
+mod control;
 pub mod cpuid;
 pub mod layout;
 pub mod memory;
 pub mod regs;
 pub mod spec;
+pub mod state;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;
@@ -80,6 +84,20 @@ pub enum VmmError {
         /// What failed, with the offending value.
         reason: String,
     },
+    /// The snapshot cannot be used; nothing was started.
+    #[error("snapshot {}: {reason}", dir.display())]
+    BadSnapshot {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// What is wrong, with the offending value.
+        reason: String,
+    },
+    /// Restoring KVM state failed.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// The control API could not start.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),

@@ -106,6 +106,8 @@ pub struct Spec {
     pub drives: Vec<DriveSpec>,
     /// Network interfaces in spec order.
     pub nets: Vec<NetSpec>,
+    /// Where to serve the control API (`[api] socket`), absolute.
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +122,14 @@ struct RawSpec {
     drive: Vec<RawDrive>,
     #[serde(default)]
     net: Vec<RawNet>,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    socket: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -410,6 +420,27 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
         ));
     }
 
+    let api_socket = match &raw.api.socket {
+        None => None,
+        Some(sock) => {
+            let value = sock.get_ref();
+            // sun_path holds 108 bytes including the terminating NUL.
+            let path = dir.join(value);
+            if value.is_empty() || path.as_os_str().len() > 107 {
+                return Err(loc.error(
+                    Some(sock.span()),
+                    "api.socket",
+                    format!(
+                        "API socket path {:?} must be 1 to 107 bytes once resolved (is {})",
+                        value,
+                        path.as_os_str().len()
+                    ),
+                ));
+            }
+            Some(path)
+        }
+    };
+
     Ok(Spec {
         file: file.to_path_buf(),
         name: name.get_ref().clone(),
@@ -420,6 +451,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
         cmdline,
         drives,
         nets,
+        api_socket,
     })
 }
 

@@ -1,17 +1,37 @@
-//! vCPU threads: each runs `KVM_RUN` in a loop and dispatches PIO/MMIO exits to the buses.
+//! vCPU threads: each runs `KVM_RUN` in a loop, dispatches PIO/MMIO exits to the buses,
+//! and obeys pause, resume and save commands from the VMM thread.
 //!
 //! A vCPU never decides the VM's fate itself: on an exit that ends the guest (a triple
 //! fault, a KVM internal error, a failed entry) it reports a [`VcpuEvent`] to the VMM
-//! thread over a channel, signals an `EventFd` so the event loop wakes, and parks.
+//! thread over a channel, signals an `EventFd` so the event loop wakes, and from then on
+//! only answers commands.
+//!
+//! Pausing, step by step:
+//! 1. The VMM thread queues [`Command::Pause`] and sends the thread the kick signal
+//!    ([`kick_signal`], a real-time signal whose handler does nothing). A signal arriving
+//!    while the thread is in guest mode makes `KVM_RUN` return EINTR; one arriving just
+//!    before the thread enters `KVM_RUN` is lost, so the VMM thread repeats the kick every
+//!    millisecond until the vCPU acknowledges (an idle vCPU halts inside KVM and would
+//!    otherwise never come out).
+//! 2. The thread looks at its commands only when `KVM_RUN` returned EINTR. After an I/O
+//!    exit KVM still owes the vCPU the result of the access (it completes it on the next
+//!    `KVM_RUN`), so a vCPU paused there would be saved mid-instruction.
+//! 3. Paused, it calls `KVM_KVMCLOCK_CTRL` (the guest then does not take the pause for a
+//!    soft lockup), acknowledges, and blocks on its command channel: `Save` reads its
+//!    state, `Resume` acknowledges and re-enters `KVM_RUN`.
 
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use snapshot::VcpuState;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
+use crate::state::{self, StateError};
 
 /// Something a vCPU tells the VMM thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +49,55 @@ pub enum VcpuEvent {
     },
 }
 
+/// Errors commanding a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The thread did not acknowledge in time.
+    #[error("vCPU {index} did not {what} within {waited:?}")]
+    Timeout {
+        /// vCPU index.
+        index: u32,
+        /// "pause" or "resume".
+        what: &'static str,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The thread is gone.
+    #[error("vCPU {index}'s thread is gone")]
+    Gone {
+        /// vCPU index.
+        index: u32,
+    },
+    /// A command arrived in the wrong state.
+    #[error("vCPU {index} must be paused to {what}")]
+    NotPaused {
+        /// vCPU index.
+        index: u32,
+        /// The command.
+        what: &'static str,
+    },
+    /// Reading its state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The kick signal could not be installed or sent.
+    #[error("vCPU kick signal: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+}
+
+/// What the VMM thread asks of a vCPU thread.
+enum Command {
+    Pause,
+    Resume,
+    Save(Sender<Result<VcpuState, VcpuError>>),
+}
+
+/// What a vCPU thread acknowledges.
+#[derive(Debug, PartialEq, Eq)]
+enum Ack {
+    Paused,
+    Resumed,
+}
+
 /// Where a vCPU sends its exits and reports.
 pub struct VcpuLinks {
     /// The PIO bus.
@@ -39,6 +108,100 @@ pub struct VcpuLinks {
     pub events: Sender<VcpuEvent>,
     /// Wakes the VMM thread's event loop after a report.
     pub wake: EventFd,
+    /// KVM's MSR index list, for saving.
+    pub msr_index: Arc<[u32]>,
+}
+
+/// The VMM thread's side of one vCPU thread.
+pub struct VcpuHandle {
+    index: u32,
+    thread: JoinHandle<()>,
+    commands: Sender<Command>,
+    acks: Receiver<Ack>,
+}
+
+/// How long a vCPU may take to acknowledge a pause or resume.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an unacknowledged pause is kicked again.
+const KICK_INTERVAL: Duration = Duration::from_millis(1);
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: being delivered is the point (KVM_RUN returns EINTR).
+}
+
+/// Installs the kick signal's handler (without SA_RESTART). Once per process, before the
+/// first vCPU thread starts.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), on_kick).map_err(VcpuError::Signal)
+}
+
+impl VcpuHandle {
+    /// The vCPU's index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Stops the vCPU outside `KVM_RUN` and waits until it says so (module documentation).
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        let index = self.index;
+        self.commands
+            .send(Command::Pause)
+            .map_err(|_| VcpuError::Gone { index })?;
+        let start = Instant::now();
+        loop {
+            self.thread.kill(kick_signal()).map_err(VcpuError::Signal)?;
+            match self.acks.recv_timeout(KICK_INTERVAL) {
+                Ok(Ack::Paused) => return Ok(()),
+                Ok(Ack::Resumed) => continue, // a stale answer to an earlier resume
+                Err(RecvTimeoutError::Timeout) if start.elapsed() < ACK_TIMEOUT => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VcpuError::Timeout {
+                        index,
+                        what: "pause",
+                        waited: start.elapsed(),
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Gone { index }),
+            }
+        }
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        let index = self.index;
+        self.commands
+            .send(Command::Resume)
+            .map_err(|_| VcpuError::Gone { index })?;
+        loop {
+            match self.acks.recv_timeout(ACK_TIMEOUT) {
+                Ok(Ack::Resumed) => return Ok(()),
+                Ok(Ack::Paused) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VcpuError::Timeout {
+                        index,
+                        what: "resume",
+                        waited: ACK_TIMEOUT,
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Gone { index }),
+            }
+        }
+    }
+
+    /// The state of a paused vCPU.
+    pub fn save(&self) -> Result<VcpuState, VcpuError> {
+        let index = self.index;
+        let (tx, rx) = channel();
+        self.commands
+            .send(Command::Save(tx))
+            .map_err(|_| VcpuError::Gone { index })?;
+        rx.recv().map_err(|_| VcpuError::Gone { index })?
+    }
 }
 
 /// A vCPU thread's stack. KVM_RUN and the device register handlers need little; the
@@ -46,75 +209,197 @@ pub struct VcpuLinks {
 /// commonly run it) its first touch makes all 2 MiB resident.
 const VCPU_STACK_SIZE: usize = 512 << 10;
 
-/// Starts vCPU `index` on its own thread.
-pub fn spawn(index: u32, mut fd: VcpuFd, links: VcpuLinks) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
+/// Starts vCPU `index` on its own thread; it enters the guest at once unless `paused`.
+pub fn spawn(
+    index: u32,
+    fd: VcpuFd,
+    links: VcpuLinks,
+    paused: bool,
+) -> std::io::Result<VcpuHandle> {
+    let (commands, command_rx) = channel();
+    let (ack_tx, acks) = channel();
+    if paused {
+        // Queued before the thread starts: it pauses before its first KVM_RUN.
+        let _ = commands.send(Command::Pause);
+    }
+    let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .stack_size(VCPU_STACK_SIZE)
         .spawn(move || {
-            let event = run(index, &mut fd, &links);
-            // The receiver lives as long as the VMM thread's loop; if it is gone the process is
-            // exiting anyway.
-            let _ = links.events.send(event);
-            let _ = links.wake.write(1);
-            // Park: the process ends when the VMM thread decides, not when a vCPU returns.
-            loop {
-                std::thread::park();
+            let mut vcpu = Thread {
+                index,
+                fd,
+                links,
+                commands: command_rx,
+                acks: ack_tx,
+            };
+            vcpu.serve_commands();
+            let event = vcpu.run();
+            // The receiver lives as long as the VMM thread's loop; if it is gone the
+            // process is exiting anyway.
+            let _ = vcpu.links.events.send(event);
+            let _ = vcpu.links.wake.write(1);
+            // The guest cannot continue on this vCPU; it still answers commands so that
+            // pausing the others and saving what is left keeps working.
+            vcpu.stopped();
+        })?;
+    if paused {
+        // Consume the acknowledgement of the queued pause.
+        match acks.recv_timeout(ACK_TIMEOUT) {
+            Ok(_) => {}
+            Err(_) => {
+                return Err(std::io::Error::other(format!(
+                    "vCPU {index} did not start paused"
+                )))
             }
-        })
+        }
+    }
+    Ok(VcpuHandle {
+        index,
+        thread,
+        commands,
+        acks,
+    })
 }
 
-fn run(index: u32, fd: &mut VcpuFd, links: &VcpuLinks) -> VcpuEvent {
-    loop {
-        let failure = match fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                links.pio.read(u64::from(port), data);
-                continue;
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                links.pio.write(u64::from(port), data);
-                continue;
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                if !links.mmio.read(addr, data) {
-                    tracing::debug!(
-                        "vcpu{index}: MMIO read of {} bytes at {addr:#x}: no device",
-                        data.len()
-                    );
+/// The vCPU thread's own state.
+struct Thread {
+    index: u32,
+    fd: VcpuFd,
+    links: VcpuLinks,
+    commands: Receiver<Command>,
+    acks: Sender<Ack>,
+}
+
+impl Thread {
+    /// Handles queued commands; returns once none is queued and the vCPU may run.
+    fn serve_commands(&mut self) {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Pause => self.paused(),
+                Command::Resume => {
+                    let _ = self.acks.send(Ack::Resumed);
                 }
-                continue;
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if !links.mmio.write(addr, data) {
-                    tracing::debug!(
-                        "vcpu{index}: MMIO write of {} bytes at {addr:#x}: no device",
-                        data.len()
-                    );
+                Command::Save(reply) => {
+                    let _ = reply.send(Err(VcpuError::NotPaused {
+                        index: self.index,
+                        what: "save its state",
+                    }));
                 }
-                continue;
             }
-            // With the in-kernel LAPIC, HLT is handled by KVM; an exit here is spurious.
-            Ok(VcpuExit::Hlt) => continue,
-            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => return VcpuEvent::PowerOff,
-                kvm_bindings::KVM_SYSTEM_EVENT_RESET => return VcpuEvent::Reset,
-                other => format!("unknown KVM system event {other}"),
-            },
-            Ok(VcpuExit::Shutdown) => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
-            Ok(VcpuExit::InternalError) => {
-                "KVM internal error (KVM_EXIT_INTERNAL_ERROR)".to_string()
+        }
+    }
+
+    /// Paused: outside KVM_RUN until told to resume.
+    fn paused(&mut self) {
+        // EINVAL means the guest does not use kvmclock: nothing to tell it.
+        if let Err(e) = self.fd.kvmclock_ctrl() {
+            if e.errno() != libc::EINVAL {
+                tracing::warn!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", self.index);
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                format!("KVM_RUN entry failed: hardware reason {reason:#x} on host cpu {cpu}")
+        }
+        let _ = self.acks.send(Ack::Paused);
+        loop {
+            match self.commands.recv() {
+                Ok(Command::Pause) => {
+                    let _ = self.acks.send(Ack::Paused);
+                }
+                Ok(Command::Resume) => {
+                    let _ = self.acks.send(Ack::Resumed);
+                    return;
+                }
+                Ok(Command::Save(reply)) => {
+                    let saved = state::save_vcpu(&self.fd, self.index, &self.links.msr_index);
+                    let _ = reply.send(saved.map_err(VcpuError::from));
+                }
+                // The VMM thread is gone: the process is ending.
+                Err(_) => loop {
+                    std::thread::park();
+                },
             }
-            Ok(other) => format!("unexpected vCPU exit {other:?}"),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(e) => format!("KVM_RUN: {e}"),
-        };
-        return VcpuEvent::Failed {
-            index,
-            reason: format!("{failure}; {}", describe_registers(fd)),
-        };
+        }
+    }
+
+    /// After a fatal exit: answers commands, never runs the guest again.
+    fn stopped(&mut self) {
+        loop {
+            match self.commands.recv() {
+                Ok(Command::Pause) => {
+                    let _ = self.acks.send(Ack::Paused);
+                }
+                Ok(Command::Resume) => {
+                    let _ = self.acks.send(Ack::Resumed);
+                }
+                Ok(Command::Save(reply)) => {
+                    let saved = state::save_vcpu(&self.fd, self.index, &self.links.msr_index);
+                    let _ = reply.send(saved.map_err(VcpuError::from));
+                }
+                Err(_) => loop {
+                    std::thread::park();
+                },
+            }
+        }
+    }
+
+    fn run(&mut self) -> VcpuEvent {
+        let index = self.index;
+        loop {
+            let links = &self.links;
+            let fd = &mut self.fd;
+            let failure = match fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    links.pio.read(u64::from(port), data);
+                    continue;
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    links.pio.write(u64::from(port), data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !links.mmio.read(addr, data) {
+                        tracing::debug!(
+                            "vcpu{index}: MMIO read of {} bytes at {addr:#x}: no device",
+                            data.len()
+                        );
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if !links.mmio.write(addr, data) {
+                        tracing::debug!(
+                            "vcpu{index}: MMIO write of {} bytes at {addr:#x}: no device",
+                            data.len()
+                        );
+                    }
+                    continue;
+                }
+                // With the in-kernel LAPIC, HLT is handled by KVM; an exit here is spurious.
+                Ok(VcpuExit::Hlt) => continue,
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => return VcpuEvent::PowerOff,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => return VcpuEvent::Reset,
+                    other => format!("unknown KVM system event {other}"),
+                },
+                Ok(VcpuExit::Shutdown) => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
+                Ok(VcpuExit::InternalError) => {
+                    "KVM internal error (KVM_EXIT_INTERNAL_ERROR)".to_string()
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    format!("KVM_RUN entry failed: hardware reason {reason:#x} on host cpu {cpu}")
+                }
+                Ok(other) => format!("unexpected vCPU exit {other:?}"),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // The only place a vCPU pauses (module documentation, step 2).
+                    self.serve_commands();
+                    continue;
+                }
+                Err(e) => format!("KVM_RUN: {e}"),
+            };
+            return VcpuEvent::Failed {
+                index,
+                reason: format!("{failure}; {}", describe_registers(&self.fd)),
+            };
+        }
     }
 }
 

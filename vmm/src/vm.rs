@@ -30,19 +30,23 @@ use vmm_sys_util::eventfd::EventFd;
 use devices::virtio::{self, Block, BlockConfig, MmioTransport, Net};
 use kvm_ioctls::IoEventAddress;
 
+use snapshot::{DriveConfig, MachineConfig, NetConfig as SnapNetConfig};
+
 use crate::acpi::{self, AcpiMachine, VirtioMmioSlot};
+use crate::api::{ApiChannel, ApiServer};
 use crate::boot::{self, BootSource};
 use crate::bus::{lock, Bus};
+use crate::control::Control;
 use crate::layout::*;
 use crate::spec::Spec;
-use crate::vcpu::{self, VcpuEvent, VcpuLinks};
+use crate::vcpu::{self, VcpuEvent, VcpuHandle, VcpuLinks};
 use crate::{cpuid, memory, regs, terminal, VmmError};
 
 /// Arguments hospes puts before the spec's own command line.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1";
 
 /// How a VM ended without an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The guest powered off.
     PowerOff,
@@ -50,6 +54,10 @@ pub enum Outcome {
     Reset,
     /// hospes received SIGINT or SIGTERM and stopped the VM.
     Signal(i32),
+    /// The control API asked for a shutdown.
+    Shutdown,
+    /// A snapshot was written to this directory and the VM stopped, as asked.
+    Snapshotted(PathBuf),
 }
 
 /// The boot files a VM runs, resolved from the spec or the default guest.
@@ -227,11 +235,11 @@ fn signal_fd() -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-fn eventfd(what: &'static str) -> Result<EventFd, VmmError> {
+pub(crate) fn eventfd(what: &'static str) -> Result<EventFd, VmmError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Io { what, source })
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 
@@ -286,21 +294,32 @@ fn virtio_devices(spec: &Spec) -> Result<Vec<Box<dyn virtio::VirtioDevice + Send
 
 /// Puts one virtio device behind a virtio-mmio window: its interrupt becomes an irqfd on
 /// the slot's GSI and each queue's notification an ioeventfd on QueueNotify matching the
-/// queue index, so neither ever leaves the kernel through the vCPU thread.
-fn attach_virtio(
+/// queue index, so neither ever leaves the kernel through the vCPU thread. With `state`,
+/// the transport continues from a snapshot instead of starting at reset.
+pub(crate) fn attach_virtio(
     vm: &kvm_ioctls::VmFd,
     mem: &devices::GuestMemoryMmap,
     mmio: &mut Bus,
     slot: VirtioMmioSlot,
     device: Box<dyn virtio::VirtioDevice + Send>,
+    state: Option<&snapshot::VirtioTransportState>,
 ) -> Result<Arc<Mutex<MmioTransport>>, VmmError> {
     let irq = eventfd("virtio interrupt")?;
     vm.register_irqfd(&irq, slot.gsi)
         .map_err(kvm_err("KVM_IRQFD for a virtio device"))?;
-    let transport = MmioTransport::new(mem.clone(), device, irq).map_err(|e| VmmError::Device {
-        id: format!("virtio-mmio@{:#x}", slot.base),
-        reason: e.to_string(),
-    })?;
+    let id = format!("virtio-mmio@{:#x}", slot.base);
+    let transport = match state {
+        None => MmioTransport::new(mem.clone(), device, irq).map_err(|e| VmmError::Device {
+            id,
+            reason: e.to_string(),
+        })?,
+        Some(state) => MmioTransport::restore(mem.clone(), device, irq, state).map_err(|e| {
+            VmmError::Device {
+                id,
+                reason: e.to_string(),
+            }
+        })?,
+    };
     let notify = IoEventAddress::Mmio(slot.base + virtio::mmio::REG_QUEUE_NOTIFY);
     for (index, evt) in transport.queue_events().iter().enumerate() {
         vm.register_ioevent(evt, &notify, index as u32)
@@ -311,9 +330,34 @@ fn attach_virtio(
     Ok(transport)
 }
 
-/// Builds the VM for `spec` and runs it until it ends.
-pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
-    // 1. KVM and the host.
+/// What the user chose for a VM beyond its spec.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Serve the control API on this Unix socket.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// A built VM: what the event loop and the control API work on.
+pub(crate) struct Vm {
+    /// Service name.
+    pub(crate) name: String,
+    /// What GET /vm reports as the spec.
+    pub(crate) spec_json: serde_json::Value,
+    /// The machine as a snapshot records it.
+    pub(crate) config: MachineConfig,
+    /// Host path of each drive's image, in `config.drives` order.
+    pub(crate) drive_paths: Vec<PathBuf>,
+    pub(crate) fd: kvm_ioctls::VmFd,
+    pub(crate) mem: devices::GuestMemoryMmap,
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) vcpus: Vec<VcpuHandle>,
+    /// /dev/kvm, open as long as the VM.
+    pub(crate) _kvm: Kvm,
+}
+
+/// Steps 1-3 of the build order: KVM (checked), the VM, its TSS, irqchip and PIT.
+pub(crate) fn create_vm() -> Result<(Kvm, kvm_ioctls::VmFd), VmmError> {
     check_host()?;
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
     for (cap, name) in [
@@ -326,8 +370,6 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
             return Err(VmmError::MissingCapability(name));
         }
     }
-
-    // 2-3. VM, TSS, irqchip, PIT.
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -338,55 +380,154 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok((kvm, vm))
+}
+
+/// The legacy devices on the PIO bus, and the power events they raise.
+pub(crate) struct Platform {
+    pub(crate) pio: Bus,
+    pub(crate) mmio: Bus,
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
+    pub(crate) poweroff: EventFd,
+    pub(crate) reset: EventFd,
+}
+
+fn clone_fd(e: &EventFd) -> Result<EventFd, VmmError> {
+    e.try_clone().map_err(|source| VmmError::Io {
+        what: "eventfd clone",
+        source,
+    })
+}
+
+/// Step 5a: COM1 (fresh, or as a snapshot left it), the i8042 reset line, the ACPI power
+/// port.
+pub(crate) fn platform(
+    vm: &kvm_ioctls::VmFd,
+    serial_state: Option<&snapshot::SerialState>,
+) -> Result<Platform, VmmError> {
+    let poweroff = eventfd("power-off event")?;
+    let reset = eventfd("reset event")?;
+    let mut pio = Bus::default();
+    let serial_irq = eventfd("COM1 interrupt")?;
+    vm.register_irqfd(&serial_irq, COM1_GSI)
+        .map_err(kvm_err("KVM_IRQFD for COM1"))?;
+    let out = SerialOutput(Box::new(io::stdout()));
+    let console = match serial_state {
+        None => SerialConsole::new(serial_irq, out),
+        Some(state) => {
+            SerialConsole::restore(serial_irq, out, state).map_err(|e| VmmError::Device {
+                id: "serial".into(),
+                reason: e.to_string(),
+            })?
+        }
+    };
+    let serial = Arc::new(Mutex::new(console));
+    pio.insert(u64::from(COM1_PORT), 8, serial.clone())?;
+    pio.insert(
+        u64::from(I8042_PORT),
+        5,
+        Arc::new(Mutex::new(I8042::new(clone_fd(&reset)?))),
+    )?;
+    pio.insert(
+        u64::from(ACPI_POWER_PORT),
+        1,
+        Arc::new(Mutex::new(AcpiPower::new(
+            clone_fd(&poweroff)?,
+            clone_fd(&reset)?,
+        ))),
+    )?;
+    Ok(Platform {
+        pio,
+        mmio: Bus::default(),
+        serial,
+        poweroff,
+        reset,
+    })
+}
+
+/// The virtio-mmio slot of the `i`th virtio device.
+pub(crate) fn virtio_slot(i: usize) -> VirtioMmioSlot {
+    VirtioMmioSlot {
+        base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE,
+        gsi: VIRTIO_GSI_START + i as u32,
+    }
+}
+
+/// The machine a snapshot of a VM booted from `spec` records.
+fn machine_config(spec: &Spec, cmdline: &str) -> Result<MachineConfig, VmmError> {
+    let mut drives = Vec::new();
+    for d in &spec.drives {
+        let size = std::fs::metadata(&d.path)
+            .map_err(|source| VmmError::Io {
+                what: "reading a drive's size",
+                source,
+            })?
+            .len();
+        drives.push(DriveConfig {
+            id: d.id.clone(),
+            file: format!("disk-{}.img", d.id),
+            size,
+            read_only: d.read_only,
+            cache: match d.cache {
+                crate::spec::CacheMode::Writeback => "writeback".into(),
+                crate::spec::CacheMode::None => "none".into(),
+            },
+        });
+    }
+    let nets = spec
+        .nets
+        .iter()
+        .map(|n| SnapNetConfig {
+            id: n.id.clone(),
+            tap: n.tap.clone(),
+            mac: n
+                .mac
+                .unwrap_or_else(|| virtio::mac_from_name(&spec.name, &n.id)),
+        })
+        .collect();
+    Ok(MachineConfig {
+        name: spec.name.clone(),
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        cmdline: cmdline.to_string(),
+        drives,
+        nets,
+    })
+}
+
+/// Builds the VM for `spec`, boots it and runs it until it ends.
+pub fn run(spec: &Spec, files: &BootFiles, options: &RunOptions) -> Result<Outcome, VmmError> {
+    // Bind the API socket first: a socket in use fails before anything else starts.
+    let api = options
+        .api_socket
+        .as_deref()
+        .map(ApiServer::start)
+        .transpose()?;
+
+    // 1-3. KVM and the host; VM, TSS, irqchip, PIT.
+    let (kvm, vm) = create_vm()?;
 
     // 4. Memory.
     let mem = memory::create_guest_memory(u64::from(spec.memory_mib) << 20)?;
     memory::register_with_kvm(&vm, &mem)?;
 
     // 5. Devices.
-    let poweroff = eventfd("power-off event")?;
-    let reset = eventfd("reset event")?;
-    let mut pio = Bus::default();
-    let mut mmio = Bus::default();
-    let serial_irq = eventfd("COM1 interrupt")?;
-    vm.register_irqfd(&serial_irq, COM1_GSI)
-        .map_err(kvm_err("KVM_IRQFD for COM1"))?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        serial_irq,
-        SerialOutput(Box::new(io::stdout())),
-    )));
-    pio.insert(u64::from(COM1_PORT), 8, serial.clone())?;
-    let clone = |e: &EventFd| {
-        e.try_clone().map_err(|source| VmmError::Io {
-            what: "eventfd clone",
-            source,
-        })
-    };
-    pio.insert(
-        u64::from(I8042_PORT),
-        5,
-        Arc::new(Mutex::new(I8042::new(clone(&reset)?))),
-    )?;
-    pio.insert(
-        u64::from(ACPI_POWER_PORT),
-        1,
-        Arc::new(Mutex::new(AcpiPower::new(
-            clone(&poweroff)?,
-            clone(&reset)?,
-        ))),
-    )?;
-    let virtio_devices = virtio_devices(spec)?;
+    let mut platform = platform(&vm, None)?;
     let mut machine = AcpiMachine {
         vcpus: spec.vcpus,
         virtio: Vec::new(),
     };
     let mut transports = Vec::new();
-    for (i, device) in virtio_devices.into_iter().enumerate() {
-        let slot = VirtioMmioSlot {
-            base: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE,
-            gsi: VIRTIO_GSI_START + i as u32,
-        };
-        transports.push(attach_virtio(&vm, &mem, &mut mmio, slot, device)?);
+    for (i, device) in virtio_devices(spec)?.into_iter().enumerate() {
+        let slot = virtio_slot(i);
+        transports.push(attach_virtio(
+            &vm,
+            &mem,
+            &mut platform.mmio,
+            slot,
+            device,
+            None,
+        )?);
         machine.virtio.push(slot);
     }
 
@@ -421,6 +562,75 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
         vcpus.push(fd);
     }
 
+    let built = Built {
+        name: spec.name.clone(),
+        spec_json: serde_json::to_value(spec).unwrap_or(serde_json::Value::Null),
+        config: machine_config(spec, &cmdline)?,
+        drive_paths: spec.drives.iter().map(|d| d.path.clone()).collect(),
+        kvm,
+        vm,
+        mem,
+        platform,
+        transports,
+        vcpu_fds: vcpus,
+    };
+    run_built(built, api)
+}
+
+/// A VM with every part in place and its vCPUs not yet started.
+pub(crate) struct Built {
+    pub(crate) name: String,
+    pub(crate) spec_json: serde_json::Value,
+    pub(crate) config: MachineConfig,
+    pub(crate) drive_paths: Vec<PathBuf>,
+    pub(crate) kvm: Kvm,
+    pub(crate) vm: kvm_ioctls::VmFd,
+    pub(crate) mem: devices::GuestMemoryMmap,
+    pub(crate) platform: Platform,
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+}
+
+/// Wakes the event loop when the API thread has queued requests; the loop drains them.
+struct ApiWake(EventFd);
+
+impl MutEventSubscriber for ApiWake {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            tracing::error!("cannot watch the API eventfd: {e:?}");
+        }
+    }
+}
+
+/// Starts the vCPUs of `built` and runs the event loop until the VM ends.
+pub(crate) fn run_built(
+    built: Built,
+    api: Option<(ApiServer, ApiChannel)>,
+) -> Result<Outcome, VmmError> {
+    let Built {
+        name,
+        spec_json,
+        config,
+        drive_paths,
+        kvm,
+        vm,
+        mem,
+        platform,
+        transports,
+        vcpu_fds,
+    } = built;
+    let Platform {
+        pio,
+        mmio,
+        serial,
+        poweroff,
+        reset,
+    } = platform;
+
     // The event loop. Signals are blocked before the vCPU threads start so they inherit
     // the mask and only the signalfd sees SIGINT/SIGTERM.
     let signals = signal_fd().map_err(|source| VmmError::Io {
@@ -432,7 +642,7 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
     let supervisor = Arc::new(Mutex::new(Supervisor {
         poweroff,
         reset,
-        vcpu_wake: clone(&vcpu_wake)?,
+        vcpu_wake: clone_fd(&vcpu_wake)?,
         vcpu_events: rx,
         signals,
         outcome: None,
@@ -440,9 +650,16 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(supervisor.clone());
-    for transport in transports {
-        events.add_subscriber(transport);
+    for transport in &transports {
+        events.add_subscriber(transport.clone());
     }
+    let (_api_server, api_requests) = match api {
+        Some((server, channel)) => {
+            events.add_subscriber(Arc::new(Mutex::new(ApiWake(channel.wake))));
+            (Some(server), Some(channel.requests))
+        }
+        None => (None, None),
+    };
     let _raw_terminal = if terminal::stdin_is_terminal() {
         events.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
             serial: serial.clone(),
@@ -452,29 +669,64 @@ pub fn run(spec: &Spec, files: &BootFiles) -> Result<Outcome, VmmError> {
         None
     };
 
+    let msr_index: Arc<[u32]> = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+        .as_slice()
+        .into();
+    vcpu::install_kick_handler().map_err(|e| VmmError::Io {
+        what: "installing the vCPU kick signal handler",
+        source: io::Error::other(e.to_string()),
+    })?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-    for (index, fd) in vcpus.into_iter().enumerate() {
+    let mut vcpus = Vec::new();
+    for (index, fd) in vcpu_fds.into_iter().enumerate() {
         let links = VcpuLinks {
             pio: pio.clone(),
             mmio: mmio.clone(),
             events: tx.clone(),
-            wake: clone(&vcpu_wake)?,
+            wake: clone_fd(&vcpu_wake)?,
+            msr_index: msr_index.clone(),
         };
-        vcpu::spawn(index as u32, fd, links).map_err(|source| VmmError::Io {
-            what: "spawning a vCPU thread",
-            source,
-        })?;
+        let handle =
+            vcpu::spawn(index as u32, fd, links, false).map_err(|source| VmmError::Io {
+                what: "spawning a vCPU thread",
+                source,
+            })?;
+        vcpus.push(handle);
     }
-    tracing::info!(service = %spec.name, vcpus = spec.vcpus, memory_mib = spec.memory_mib, "VM started");
+    tracing::info!(service = %name, vcpus = config.vcpus, memory_mib = config.memory_mib, "VM running");
 
+    let mut vm = Vm {
+        name,
+        spec_json,
+        config,
+        drive_paths,
+        fd: vm,
+        mem,
+        serial,
+        transports,
+        vcpus,
+        _kvm: kvm,
+    };
+    let mut control = Control::new();
     loop {
         if let Some(outcome) = lock(&supervisor).outcome.take() {
-            // The vCPU threads are still inside KVM_RUN on this VM and its memory; unmapping
-            // the memory under them would turn their next guest access into an error. The
-            // caller ends the process right after, which releases both at once.
+            // The vCPU threads may still be inside KVM_RUN on this VM and its memory;
+            // unmapping the memory under them would turn their next guest access into an
+            // error. The caller ends the process right after, which releases both at once.
             std::mem::forget(vm);
-            std::mem::forget(mem);
             return outcome;
+        }
+        if let Some(requests) = &api_requests {
+            while let Ok((request, reply)) = requests.try_recv() {
+                let (response, outcome) = control.handle(&mut vm, request);
+                let _ = reply.send(response);
+                if let Some(outcome) = outcome {
+                    std::mem::forget(vm);
+                    return Ok(outcome);
+                }
+            }
         }
         events
             .run()

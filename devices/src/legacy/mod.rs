@@ -6,4 +6,4 @@ mod serial;
 
 pub use i8042::I8042;
 pub use power::{AcpiPower, ACPI_RESET_VALUE, ACPI_SLEEP_S5};
-pub use serial::{EventFdTrigger, SerialConsole, SerialOutput};
+pub use serial::{EventFdTrigger, SerialConsole, SerialError, SerialOutput, SERIAL_FIFO_SIZE};

@@ -32,7 +32,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::GuestMemoryMmap;
 
 pub use block::{Block, BlockConfig, BlockError, CacheMode};
-pub use mmio::{MmioError, MmioTransport};
+pub use mmio::{MmioError, MmioTransport, RestoreError};
 pub use net::{mac_from_name, Net, NetConfig, NetError};
 
 /// Feature bit: the device follows virtio 1.x (no legacy interface).
@@ -141,6 +141,17 @@ impl Interrupt {
     /// The InterruptStatus register.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// Sets InterruptStatus to a saved value and, if any bit is set, raises the line once:
+    /// the old process's edge may have been consumed before the guest handled it.
+    pub(crate) fn restore(&self, status: u32) {
+        self.status.store(status, Ordering::SeqCst);
+        if status != 0 {
+            if let Err(e) = self.irq.write(1) {
+                tracing::error!("writing the device irqfd failed: {e}");
+            }
+        }
     }
 
     fn ack(&self, bits: u32) {

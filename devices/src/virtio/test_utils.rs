@@ -12,7 +12,9 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::mmio::MmioTransport;
+use snapshot::VirtioTransportState;
+
+use super::mmio::{MmioError, MmioTransport};
 use super::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use super::VirtioDevice;
 use crate::{BusDevice, GuestMemoryMmap};
@@ -96,6 +98,44 @@ impl<'m> TestDriver<'m> {
             queues: Vec::new(),
             next_desc: Vec::new(),
         }
+    }
+
+    /// Saves the transport, drops it with its device (releasing e.g. a disk lock), and
+    /// restores the state into a fresh transport around `device()`. The driver side (the
+    /// rings in guest memory) carries on as it was.
+    pub(crate) fn save_and_restore(
+        self,
+        device: impl FnOnce() -> Box<dyn VirtioDevice + Send>,
+    ) -> Result<Self, MmioError> {
+        let state = self.t().save_state();
+        self.restore(&state, device)
+    }
+
+    /// Drops the transport and restores `state` into a fresh one around `device()`.
+    pub(crate) fn restore(
+        self,
+        state: &VirtioTransportState,
+        device: impl FnOnce() -> Box<dyn VirtioDevice + Send>,
+    ) -> Result<Self, MmioError> {
+        let TestDriver {
+            mem,
+            transport,
+            irq,
+            queues,
+            next_desc,
+        } = self;
+        drop(transport);
+        drop(irq);
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let transport =
+            MmioTransport::restore(mem.clone(), device(), irq.try_clone().unwrap(), state)?;
+        Ok(TestDriver {
+            mem,
+            transport: Arc::new(Mutex::new(transport)),
+            irq,
+            queues,
+            next_desc,
+        })
     }
 
     pub(crate) fn t(&self) -> MutexGuard<'_, MmioTransport> {

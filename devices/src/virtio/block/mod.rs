@@ -123,6 +123,11 @@ pub enum BlockError {
 }
 
 /// A virtio-blk device backed by a raw image.
+///
+/// It has no state of its own for a snapshot: each request is parsed, executed and
+/// completed (status byte and used entry written) within one `process_queue` call on the
+/// VMM thread, so when that thread handles a snapshot nothing is in flight. The queue
+/// positions live in the transport's state, the data in the image.
 pub struct Block {
     id: String,
     path: PathBuf,

@@ -479,3 +479,39 @@ fn event_idx_one_interrupt_per_batch() {
     assert_eq!(d.used_idx(0), 4);
     assert_eq!(d.interrupts(), 0);
 }
+
+#[test]
+fn requests_continue_after_save_and_restore() {
+    let img = image();
+    let mem = guest_memory();
+    let block = Block::new(config(&img.path, false, CacheMode::Writeback)).unwrap();
+    let mut d = up(&mem, block);
+    let data = pattern(512, 3);
+    mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let (status, _) = request(&mut d, T_OUT, 5, &[ro(DATA, 512)]);
+    assert_eq!(status, S_OK);
+    // A read the guest posted just before the save; its notification is lost with the
+    // old process.
+    write_header(&mem, T_IN, 5);
+    d.add_chain(0, &[ro(HDR, 16), wo(DATA2, 512), wo(STATUS, 1)]);
+
+    // The old device (and its image lock) goes before the new one opens the image.
+    let path = img.path.clone();
+    let mut d = d
+        .save_and_restore(|| {
+            Box::new(Block::new(config(&path, false, CacheMode::Writeback)).unwrap())
+        })
+        .unwrap();
+    // Reactivation completed the posted read without the guest's help.
+    assert_eq!(d.used_idx(0), 2);
+    assert_eq!(d.used_elem(0, 1).len(), 513);
+    let mut back = vec![0u8; 512];
+    mem.read_slice(&mut back, GuestAddress(DATA2)).unwrap();
+    assert_eq!(back, data);
+    assert!(d.interrupts() > 0);
+
+    let (status, len) = request(&mut d, T_IN, 5, &[wo(DATA, 512)]);
+    assert_eq!((status, len), (S_OK, 513));
+    assert_eq!(d.used_idx(0), 3);
+    assert!(!needs_reset(&mut d));
+}

@@ -1,8 +1,9 @@
 //! The virtio-mmio transport (virtio 1.x, register layout version 2, no legacy): the
 //! register file the guest drives over a 4 KiB MMIO window, feature negotiation, queue
 //! setup and validation, device status and reset, and dispatch of queue notifications to
-//! the device on the VMM thread.
+//! the device on the VMM thread. Saving and restoring the transport is in `state`.
 
+mod state;
 #[cfg(test)]
 mod tests;
 
@@ -15,10 +16,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use super::{
-    warn_limited, DeviceContext, Interrupt, VirtioDevice, WarnLimiter, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    warn_limited, DeviceContext, DeviceError, Interrupt, VirtioDevice, WarnLimiter,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::{BusDevice, GuestMemoryMmap};
+
+pub use self::state::RestoreError;
 
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
@@ -71,6 +74,9 @@ pub enum MmioError {
         #[source]
         source: std::io::Error,
     },
+    /// A saved transport state was refused.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
     /// The device declared a queue size virtio-queue cannot represent.
     #[error("device type {device_type} declares queue {index} with invalid max size {size}")]
     QueueMaxSize {
@@ -425,6 +431,14 @@ impl MmioTransport {
         if self.status & DEVICE_NEEDS_RESET != 0 {
             return;
         }
+        if let Err(e) = self.activate_device() {
+            self.needs_reset(e.to_string());
+        }
+    }
+
+    /// Hands the queues to the device with the negotiated features; shared by DRIVER_OK
+    /// and snapshot restore.
+    fn activate_device(&mut self) -> Result<(), DeviceError> {
         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
         for queue in &mut self.queues {
             queue.set_event_idx(event_idx);
@@ -435,10 +449,9 @@ impl MmioTransport {
             acked_features: self.driver_features,
             interrupt: &self.interrupt,
         };
-        match self.device.activate(&mut ctx) {
-            Ok(()) => self.activated = true,
-            Err(e) => self.needs_reset(e.to_string()),
-        }
+        self.device.activate(&mut ctx)?;
+        self.activated = true;
+        Ok(())
     }
 
     /// Marks the device DEVICE_NEEDS_RESET and tells the driver; it stops processing queues
@@ -491,6 +504,18 @@ impl MmioTransport {
         };
         if let Err(e) = self.device.process_queue(index, &mut ctx) {
             self.needs_reset(e.to_string());
+        }
+    }
+
+    /// Processes every queue as if all their eventfds had fired, when the device is
+    /// activated and healthy; interrupts the guest as the device's batches require.
+    ///
+    /// The VMM calls this before saving (so requests the guest already posted complete
+    /// and nothing is half-done in the state) and after restoring (so notifications the
+    /// old process received but never handled are not lost).
+    pub fn process_all_queues(&mut self) {
+        for index in 0..self.queues.len() {
+            self.process_queue(index);
         }
     }
 

@@ -10,19 +10,19 @@ use crate::virtio::status::*;
 use crate::virtio::test_utils::{guest_memory, ro, TestDriver, DATA_BASE};
 use crate::virtio::{process_batch, DeviceError, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING};
 
-const DUMMY_FEATURE: u64 = 1 << 3;
+pub(super) const DUMMY_FEATURE: u64 = 1 << 3;
 
 #[derive(Default)]
-struct Record {
-    activations: u32,
-    processed: Vec<usize>,
-    resets: u32,
+pub(super) struct Record {
+    pub(super) activations: u32,
+    pub(super) processed: Vec<usize>,
+    pub(super) resets: u32,
     config_writes: Vec<(u64, Vec<u8>)>,
 }
 
-struct Dummy {
+pub(super) struct Dummy {
     record: Arc<Mutex<Record>>,
-    sizes: [u16; 2],
+    pub(super) sizes: [u16; 2],
 }
 
 impl VirtioDevice for Dummy {
@@ -64,7 +64,7 @@ impl VirtioDevice for Dummy {
     }
 }
 
-fn dummy() -> (Box<Dummy>, Arc<Mutex<Record>>) {
+pub(super) fn dummy() -> (Box<Dummy>, Arc<Mutex<Record>>) {
     let record = Arc::new(Mutex::new(Record::default()));
     let device = Box::new(Dummy {
         record: record.clone(),
@@ -73,7 +73,7 @@ fn dummy() -> (Box<Dummy>, Arc<Mutex<Record>>) {
     (device, record)
 }
 
-const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
+pub(super) const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
 
 #[test]
 fn identification_registers() {

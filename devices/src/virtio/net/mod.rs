@@ -106,6 +106,10 @@ pub fn mac_from_name(service: &str, id: &str) -> [u8; 6] {
 }
 
 /// A virtio-net device with one rx/tx queue pair on a TAP interface.
+///
+/// Apart from the pending rx frame (see `rx_frame`), everything it keeps is either
+/// derived from negotiation (acked features, TAP offloads), given back when a restored
+/// transport reactivates it, or a scratch buffer.
 pub struct Net {
     id: String,
     tap: Tap,
@@ -114,7 +118,8 @@ pub struct Net {
     config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 2],
     /// Frame read from the TAP, with its header; `rx_len` bytes of it are waiting for rx
-    /// buffers (0: none).
+    /// buffers (0: none). A snapshot does not carry it: a frame pending when the VM is
+    /// saved is lost, as on a lossy link, and the sender's TCP retransmits it.
     rx_frame: Vec<u8>,
     rx_len: usize,
     tx_frame: Vec<u8>,

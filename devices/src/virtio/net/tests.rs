@@ -313,3 +313,69 @@ fn tx_and_mergeable_rx_through_a_tap() {
         assert_eq!(d.read(0x70) & DEVICE_NEEDS_RESET, 0);
     });
 }
+
+/// Posts one tx chain carrying `frame` behind a zero header and processes the tx queue.
+fn transmit(d: &mut TestDriver<'_>, frame: &[u8]) {
+    d.mem
+        .write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(DATA_BASE))
+        .unwrap();
+    d.mem
+        .write_slice(frame, GuestAddress(DATA_BASE + 0x100))
+        .unwrap();
+    d.add_chain(
+        1,
+        &[
+            ro(DATA_BASE, VNET_HDR_LEN as u32),
+            ro(DATA_BASE + 0x100, frame.len() as u32),
+        ],
+    );
+    d.process(1);
+}
+
+#[test]
+fn traffic_continues_after_save_and_restore() {
+    in_private_netns(|| {
+        let mac = mac_from_name("test", "eth0");
+        let net = || -> Box<dyn VirtioDevice + Send> {
+            Box::new(
+                Net::new(NetConfig {
+                    id: "eth0".into(),
+                    tap: TAP.into(),
+                    mac,
+                })
+                .unwrap(),
+            )
+        };
+        let mem = guest_memory();
+        let mut d = TestDriver::new(&mem, net());
+        let features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_NET_F_CSUM
+            | 1 << VIRTIO_NET_F_GUEST_CSUM;
+        d.bring_up(features, 2, 256);
+        let host = HostEnd::new(TAP);
+        let before = test_frame([0xff; 6], mac, 60, 1);
+        transmit(&mut d, &before);
+        assert_eq!(host.recv_test_frame(), before);
+        post_rx_buffers(&mut d, 4);
+        drop(host);
+
+        // The TAP is not persistent: it goes with the old device and comes back with the
+        // new one, as when the VM moves to another host.
+        let mut d = d.save_and_restore(net).unwrap();
+        let host = HostEnd::new(TAP);
+        let after = test_frame([0xff; 6], mac, 70, 2);
+        transmit(&mut d, &after);
+        assert_eq!(host.recv_test_frame(), after);
+        assert_eq!(d.used_idx(1), 2);
+
+        // rx uses the buffers posted before the save.
+        let incoming = test_frame(mac, [2, 0, 0, 0, 0, 1], 200, 5);
+        host.send(&incoming);
+        d.t().process_all_queues();
+        assert_eq!(d.used_idx(0), 1);
+        assert_eq!(read_rx_frame(&d, 0), (incoming, 1));
+        assert_eq!(d.read(0x70) & DEVICE_NEEDS_RESET, 0);
+    });
+}
