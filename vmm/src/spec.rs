@@ -625,6 +625,20 @@ mod tests {
     }
 
     #[test]
+    fn the_api_socket_is_resolved_against_the_spec() {
+        let s = check("[service]\nname = \"a\"\n[api]\nsocket = \"a.sock\"\n").unwrap();
+        let want = s.file.parent().unwrap().join("a.sock");
+        assert_eq!(s.api_socket.as_deref(), Some(want.as_path()));
+        let long = "s".repeat(120);
+        let e = err(&format!(
+            "[service]\nname = \"a\"\n[api]\nsocket = \"/{long}\"\n"
+        ));
+        assert_eq!((e.line, e.key.as_str()), (4, "api.socket"), "{e}");
+        let e = err("[service]\nname = \"a\"\n[api]\nport = 1\n");
+        assert!(e.to_string().contains("port"), "{e}");
+    }
+
+    #[test]
     fn too_many_init_words_are_refused_unless_quoted() {
         let long = (0..40)
             .map(|i| format!("w{i}"))

@@ -247,3 +247,53 @@ fn times_out_silent_clients() {
     assert!(out.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{out}");
     assert!(start.elapsed() >= IO_TIMEOUT - Duration::from_millis(500));
 }
+
+#[test]
+fn during_a_snapshot_other_requests_get_409_and_status_says_snapshotting() {
+    let path = temp_socket("gate");
+    let (server, channel) = ApiServer::start(&path).unwrap();
+    // The fake VMM thread holds the snapshot until told to finish it.
+    let (finish_tx, finish_rx) = mpsc::channel::<()>();
+    let vmm = std::thread::spawn(move || {
+        let reply = loop {
+            let (request, reply) = channel.requests.recv().unwrap();
+            match request {
+                ApiRequest::Snapshot { .. } => break reply,
+                _ => reply
+                    .send(ApiResponse::ok(json!({ "state": "running" })))
+                    .unwrap(),
+            }
+        };
+        finish_rx.recv().unwrap();
+        reply.send(ApiResponse::ok(json!({ "dir": "/s" }))).unwrap();
+        channel
+    });
+    let snapshot_path = path.clone();
+    let first = std::thread::spawn(move || {
+        request(
+            &snapshot_path,
+            "PUT",
+            "/snapshot",
+            Some(&json!({ "dir": "/s" })),
+        )
+        .unwrap()
+    });
+    // Until the first snapshot is with the fake VMM, the VM still says running.
+    let mut status = ApiResponse::no_content();
+    for _ in 0..500 {
+        status = request(&path, "GET", "/vm", None).unwrap();
+        if status.body["state"] == "snapshotting" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(status.body["state"], "snapshotting", "{status:?}");
+    let second = request(&path, "PUT", "/snapshot", Some(&json!({ "dir": "/t" }))).unwrap();
+    assert_eq!(second.status, 409, "{second:?}");
+    let pause = request(&path, "PUT", "/vm/pause", None).unwrap();
+    assert_eq!(pause.status, 409, "{pause:?}");
+    finish_tx.send(()).unwrap();
+    assert_eq!(first.join().unwrap().status, 200);
+    let _channel = vmm.join().unwrap();
+    drop(server);
+}
