@@ -12,6 +12,7 @@ pub mod bus;
 pub mod checkpoint;
 mod control;
 pub mod cpuid;
+pub mod dirty;
 pub mod layout;
 pub mod memory;
 pub mod regs;

@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemoryMmap;
 
-pub use block::{Block, BlockConfig, BlockError, CacheMode};
+pub use block::{set_bits, Block, BlockConfig, BlockError, CacheMode, DiskDirty, DIRTY_BLOCK_SIZE};
 pub use mmio::{MmioError, MmioTransport, RestoreError};
 pub use net::{mac_from_name, Net, NetConfig, NetError};
 

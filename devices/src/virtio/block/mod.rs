@@ -2,6 +2,7 @@
 //! space, and the request loop of its single queue. Request validation is in `request`,
 //! file I/O in `io`.
 
+mod dirty;
 mod io;
 mod request;
 #[cfg(test)]
@@ -12,6 +13,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -23,6 +25,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::Bytes;
 
+pub use self::dirty::{set_bits, DiskDirty, DIRTY_BLOCK_SIZE};
 use self::io::BlockIo;
 use self::request::{ParseError, Request, RequestKind};
 use super::{
@@ -142,6 +145,8 @@ pub struct Block {
     queue_sizes: [u16; 1],
     descs: Vec<Descriptor>,
     io: BlockIo,
+    /// Blocks written since migration last looked.
+    dirty: Arc<DiskDirty>,
     warn: WarnLimiter,
 }
 
@@ -218,6 +223,7 @@ impl Block {
             path.display()
         );
         Ok(Block {
+            dirty: Arc::new(DiskDirty::new(size)),
             warn: WarnLimiter::new(format!("virtio-blk {id}")),
             id,
             path,
@@ -232,6 +238,11 @@ impl Block {
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             io: BlockIo::default(),
         })
+    }
+
+    /// The blocks the guest wrote since the bitmap was last taken (for migration).
+    pub fn dirty(&self) -> Arc<DiskDirty> {
+        self.dirty.clone()
     }
 
     /// The drive identifier from the spec.
@@ -308,7 +319,10 @@ impl Block {
                     offset,
                     request.data_len,
                 )
-                .map(|()| 0),
+                .map(|()| {
+                    self.dirty.mark(offset, request.data_len);
+                    0
+                }),
             RequestKind::Flush if self.read_only => Ok(0),
             RequestKind::Flush => self.file.sync_data().map(|()| 0),
             RequestKind::GetId => return (VIRTIO_BLK_S_OK, self.write_serial(request, mem)),
