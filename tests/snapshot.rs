@@ -58,7 +58,9 @@ id = "net0"
 tap = "$2"
 SPEC
 dd if=/dev/zero of=disk.img bs=1M count=16 2>/dev/null
-tunctl -d $2 >/dev/null 2>&1; tunctl -t $2 >/dev/null; ip addr add 172.16.9.1/24 dev $2; ip link set $2 up
+# Every test uses 172.16.9.0/24: another test's TAP left behind would take its route.
+for t in $(ls /sys/class/net | grep '^hos-'); do tunctl -d $t >/dev/null 2>&1; done
+tunctl -t $2 >/dev/null; ip addr add 172.16.9.1/24 dev $2; ip link set $2 up
 }
 lines() { n=$(grep -c '^c=' "$1" 2>/dev/null); echo ${n:-0}; }
 # wait_lines FILE N: until FILE has N counter lines (60 s at most) while hospes ($pid) runs.
@@ -119,13 +121,13 @@ fn a_restored_guest_continues_its_counter_disk_network_and_console_twice_in_a_ro
          wait $pid; echo rc0=$?\n\
          hospes restore /data/snap/one --api-sock /tmp/s1.sock >out1 2>&1 & pid=$!\n\
          wait_lines out1 15\n\
-         ping -c 3 -W 5 172.16.9.2 >/dev/null && echo ping1=ok || echo ping1=failed\n\
+         ping -c 3 -W 5 172.16.9.2 >ping.txt 2>&1 && echo ping1=ok || { echo ping1=failed; cat ping.txt; ip neigh; ip -s link show hos-s0; }\n\
          hospes ctl /tmp/s1.sock status | grep -q '\"running\"' && echo status1=running\n\
          hospes ctl /tmp/s1.sock snapshot /data/snap/two --then stop || exit 1\n\
          wait $pid; echo rc1=$?\n\
          hospes restore /data/snap/two --api-sock /tmp/s2.sock >out2 2>&1 & pid=$!\n\
          wait_lines out2 15\n\
-         ping -c 3 -W 5 172.16.9.2 >/dev/null && echo ping2=ok || echo ping2=failed\n\
+         ping -c 3 -W 5 172.16.9.2 >ping.txt 2>&1 && echo ping2=ok || { echo ping2=failed; cat ping.txt; ip neigh; ip -s link show hos-s0; }\n\
          hospes ctl /tmp/s2.sock shutdown; wait $pid; echo rc2=$?\n\
          du -k one/memory.bin | cut -f1 | sed 's/^/mem_kib=/'\n\
          echo ===OUT0; cat out0; echo ===OUT1; cat out1; echo ===OUT2; cat out2; echo ===END",
