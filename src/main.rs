@@ -50,6 +50,13 @@ enum Command {
         #[command(subcommand)]
         action: CtlCommand,
     },
+    /// Make a peer identity: a new Ed25519 key written to FILE (PKCS#8 DER, mode 0600, never
+    /// overwriting). Prints the public key, the peer id by which other peers name and trust
+    /// this one.
+    Keygen {
+        /// Where to write the private key; must not exist yet.
+        file: PathBuf,
+    },
     /// Benchmarks in the nested test rig (benches/): print figures, never pass or fail.
     Bench {
         #[command(subcommand)]
@@ -81,6 +88,9 @@ enum CtlCommand {
 enum BenchCommand {
     /// Boot time and memory beyond guest RAM, hospes vs QEMU (HOSPES_BENCH_RUNS, default 5).
     Boot,
+    /// Snapshot and restore-to-running time and the memory file's size, 256 MiB and 1 GiB
+    /// guests, hospes vs QEMU saving to a file (HOSPES_BENCH_RUNS, default 3).
+    Snapshot,
     /// Disk, network and CPU: native vs the guest under hospes vs under QEMU; a markdown
     /// table and PNG charts (HOSPES_BENCH_RUNS, default 5). Needs `hospes-iotool` next to
     /// this binary (`cargo build --release -p hospes-bench --bin hospes-iotool`) or in
@@ -123,6 +133,15 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Keygen { file } => {
+            return match keygen(&file) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hospes: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Check { spec } => check(&spec),
         Command::Run { spec, api_sock } => run(&spec, api_sock),
         Command::Restore { dir, api_sock } => restore(&dir, api_sock),
@@ -151,6 +170,10 @@ fn bench(which: BenchCommand) -> anyhow::Result<()> {
     match which {
         BenchCommand::Boot => {
             let report = bench::boot::run(&hospes, runs.unwrap_or(5), &mut progress)?;
+            println!("\n{}", report.markdown());
+        }
+        BenchCommand::Snapshot => {
+            let report = bench::snapshot::run(&hospes, runs.unwrap_or(3), &mut progress)?;
             println!("\n{}", report.markdown());
         }
         BenchCommand::Io { out } => {
@@ -212,6 +235,14 @@ fn ctl(socket: &Path, action: CtlCommand) -> anyhow::Result<()> {
     if !response.body.is_null() {
         println!("{}", serde_json::to_string_pretty(&response.body)?);
     }
+    Ok(())
+}
+
+/// `hospes keygen`: writes a new identity key and prints its peer id.
+fn keygen(file: &Path) -> Result<(), p2p::IdentityError> {
+    let identity = p2p::Identity::generate()?;
+    identity.save(file)?;
+    println!("{}", identity.public_key());
     Ok(())
 }
 

@@ -1,0 +1,641 @@
+//! Frames: the header, each frame type's payload layout (see the table in [`super`]), and
+//! their checked encoding. Structure only: what a frame's values mean for the VM is checked
+//! by the [`super::Receiver`].
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+use snapshot::MachineConfig;
+
+use super::{
+    Hash, MigrationConfig, WireError, HEADER_LEN, MAGIC, MAX_PAYLOAD, MAX_REASON,
+    MAX_STATE_PAYLOAD, PAGE_SIZE, PROTOCOL_VERSION,
+};
+
+/// The frame types, with their codes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    /// src: versions offered and the VM configuration.
+    Hello = 1,
+    /// dst: the version chosen.
+    HelloAck = 2,
+    /// dst: no, and why.
+    Refuse = 3,
+    /// src: pages with their data.
+    Pages = 4,
+    /// src: pages that are now zero.
+    ZeroPages = 5,
+    /// src: disk blocks with their data.
+    Blocks = 6,
+    /// src: disk blocks that are now zero.
+    ZeroBlocks = 7,
+    /// src: the end of a round, with its counts.
+    RoundEnd = 8,
+    /// src: vCPU and device state.
+    State = 9,
+    /// src: the hash of everything sent.
+    Done = 10,
+    /// dst: the VM runs here now.
+    Resumed = 11,
+    /// either: giving up, and why.
+    Abort = 12,
+}
+
+impl FrameType {
+    /// The type with this code.
+    pub fn from_code(code: u8) -> Option<Self> {
+        use FrameType::*;
+        Some(match code {
+            1 => Hello,
+            2 => HelloAck,
+            3 => Refuse,
+            4 => Pages,
+            5 => ZeroPages,
+            6 => Blocks,
+            7 => ZeroBlocks,
+            8 => RoundEnd,
+            9 => State,
+            10 => Done,
+            11 => Resumed,
+            12 => Abort,
+            _ => return None,
+        })
+    }
+
+    /// The largest payload a frame of this type may have.
+    pub fn max_payload(self) -> usize {
+        match self {
+            FrameType::State => MAX_STATE_PAYLOAD,
+            _ => MAX_PAYLOAD,
+        }
+    }
+}
+
+impl fmt::Display for FrameType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A frame header whose magic, version, type and length have been checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Protocol version.
+    pub version: u16,
+    /// Frame type.
+    pub kind: FrameType,
+    /// Flags (checked after the CRC).
+    pub flags: u8,
+    /// Payload length, within `kind`'s limit.
+    pub len: u32,
+    /// CRC32 of header bytes 0..12 and the payload.
+    pub crc: u32,
+}
+
+impl Header {
+    /// Checks what can be checked before the payload is read, in the order the module
+    /// documentation gives.
+    pub fn parse(raw: &[u8; HEADER_LEN]) -> Result<Self, WireError> {
+        let [m0, m1, m2, m3, v0, v1, code, flags, l0, l1, l2, l3, c0, c1, c2, c3] = *raw;
+        let magic = [m0, m1, m2, m3];
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes([v0, v1]);
+        if version != PROTOCOL_VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let kind = FrameType::from_code(code).ok_or(WireError::UnknownFrameType(code))?;
+        let len = u32::from_le_bytes([l0, l1, l2, l3]);
+        if len as usize > kind.max_payload() {
+            return Err(WireError::FrameTooLarge {
+                kind,
+                len: len.into(),
+                limit: kind.max_payload() as u64,
+            });
+        }
+        Ok(Self {
+            version,
+            kind,
+            flags,
+            len,
+            crc: u32::from_le_bytes([c0, c1, c2, c3]),
+        })
+    }
+
+    /// The 16 bytes on the wire.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        raw_header(
+            self.version,
+            self.kind as u8,
+            self.flags,
+            self.len,
+            self.crc,
+        )
+    }
+
+    /// Checks the payload read for this header: CRC, then flags.
+    fn check(&self, payload: &[u8]) -> Result<(), WireError> {
+        let computed = crc(&self.to_bytes(), payload);
+        if computed != self.crc {
+            return Err(WireError::Crc {
+                kind: self.kind,
+                stored: self.crc,
+                computed,
+            });
+        }
+        if self.flags != 0 {
+            return Err(WireError::UnknownFlags {
+                kind: self.kind,
+                flags: self.flags,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn raw_header(version: u16, code: u8, flags: u8, len: u32, crc: u32) -> [u8; HEADER_LEN] {
+    let mut raw = [0u8; HEADER_LEN];
+    raw[0..4].copy_from_slice(&MAGIC);
+    raw[4..6].copy_from_slice(&version.to_le_bytes());
+    raw[6] = code;
+    raw[7] = flags;
+    raw[8..12].copy_from_slice(&len.to_le_bytes());
+    raw[12..16].copy_from_slice(&crc.to_le_bytes());
+    raw
+}
+
+/// CRC32 of the header's first 12 bytes and the payload.
+fn crc(header: &[u8; HEADER_LEN], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&header[..12]);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// The header of a frame of `kind` carrying `payload` (at most `kind.max_payload()`).
+pub(crate) fn header_for(kind: FrameType, payload: &[u8]) -> [u8; HEADER_LEN] {
+    raw_header_for(PROTOCOL_VERSION, kind as u8, 0, payload)
+}
+
+/// A header with any field values and the right CRC (for tests and the fuzz target).
+pub(crate) fn raw_header_for(
+    version: u16,
+    code: u8,
+    flags: u8,
+    payload: &[u8],
+) -> [u8; HEADER_LEN] {
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    let mut raw = raw_header(version, code, flags, len, 0);
+    let crc = crc(&raw, payload);
+    raw[12..16].copy_from_slice(&crc.to_le_bytes());
+    raw
+}
+
+/// Reads one frame into `payload` (replacing its contents) and returns its header. The
+/// header is checked before any payload byte is read, the CRC and flags before returning.
+pub fn read_frame(input: &mut impl Read, payload: &mut Vec<u8>) -> Result<Header, WireError> {
+    let mut raw = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match input.read(&mut raw[got..]) {
+            Ok(0) => return Err(WireError::TruncatedHeader { got }),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let header = Header::parse(&raw)?;
+    payload.clear();
+    // Up front only what any data frame may need; a State grows as it arrives.
+    payload.reserve((header.len as usize).min(MAX_PAYLOAD));
+    let got = Read::take(&mut *input, header.len.into()).read_to_end(payload)?;
+    if got < header.len as usize {
+        return Err(WireError::TruncatedPayload {
+            kind: header.kind,
+            expected: header.len,
+            got: got as u64,
+        });
+    }
+    header.check(payload)?;
+    Ok(header)
+}
+
+/// Encodes `frame` and writes it whole.
+pub fn write_frame(out: &mut impl Write, frame: &Frame<'_>) -> Result<(), WireError> {
+    out.write_all(&frame.encode()?)?;
+    Ok(())
+}
+
+/// The Hello's contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Lowest protocol version the source speaks.
+    pub min_version: u16,
+    /// Highest protocol version the source speaks.
+    pub max_version: u16,
+    /// The VM.
+    pub config: MigrationConfig,
+}
+
+/// A decoded frame; page and block data borrow from the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// The destination takes the VM, speaking `version`.
+    HelloAck {
+        /// The version chosen.
+        version: u16,
+    },
+    /// The destination will not take the VM.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+    /// Pages of guest memory.
+    Pages {
+        /// The round.
+        round: u32,
+        /// (gpa, [`PAGE_SIZE`] bytes) per page.
+        pages: Vec<(u64, &'a [u8])>,
+    },
+    /// Pages of guest memory that are now zero.
+    ZeroPages {
+        /// The round.
+        round: u32,
+        /// Their gpas.
+        gpas: Vec<u64>,
+    },
+    /// Blocks of a disk.
+    Blocks {
+        /// The round.
+        round: u32,
+        /// Index in the configuration's drives.
+        disk: u16,
+        /// (block index, data) per block.
+        blocks: Vec<(u64, &'a [u8])>,
+    },
+    /// Blocks of a disk that are now zero.
+    ZeroBlocks {
+        /// The round.
+        round: u32,
+        /// Index in the configuration's drives.
+        disk: u16,
+        /// Their block indices.
+        indices: Vec<u64>,
+    },
+    /// The end of a round.
+    RoundEnd {
+        /// The round.
+        round: u32,
+        /// Page entries (with data or zero) the round carried.
+        pages: u64,
+        /// Block entries (with data or zero) the round carried.
+        blocks: u64,
+    },
+    /// The VM state, in the snapshot format.
+    State {
+        /// What `snapshot::encode` wrote.
+        bytes: &'a [u8],
+    },
+    /// The end of the source's frames.
+    Done {
+        /// The hash of every frame before.
+        hash: Hash,
+    },
+    /// The destination runs the VM.
+    Resumed,
+    /// Giving up.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl<'a> Frame<'a> {
+    /// Its type.
+    pub fn kind(&self) -> FrameType {
+        match self {
+            Frame::Hello(_) => FrameType::Hello,
+            Frame::HelloAck { .. } => FrameType::HelloAck,
+            Frame::Refuse { .. } => FrameType::Refuse,
+            Frame::Pages { .. } => FrameType::Pages,
+            Frame::ZeroPages { .. } => FrameType::ZeroPages,
+            Frame::Blocks { .. } => FrameType::Blocks,
+            Frame::ZeroBlocks { .. } => FrameType::ZeroBlocks,
+            Frame::RoundEnd { .. } => FrameType::RoundEnd,
+            Frame::State { .. } => FrameType::State,
+            Frame::Done { .. } => FrameType::Done,
+            Frame::Resumed => FrameType::Resumed,
+            Frame::Abort { .. } => FrameType::Abort,
+        }
+    }
+
+    /// Header and payload. Refuses what [`Frame::decode`] would refuse.
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let kind = self.kind();
+        let malformed = |reason: String| WireError::Malformed { kind, reason };
+        let mut p = Vec::new();
+        match self {
+            Frame::Hello(hello) => {
+                put16(&mut p, hello.min_version);
+                put16(&mut p, hello.max_version);
+                let regions = &hello.config.regions;
+                let n = u16::try_from(regions.len())
+                    .map_err(|_| malformed(format!("{} memory regions", regions.len())))?;
+                put16(&mut p, n);
+                for &(gpa, size) in regions {
+                    put64(&mut p, gpa);
+                    put64(&mut p, size);
+                }
+                serde_json::to_writer(&mut p, &hello.config.machine)
+                    .map_err(|e| malformed(format!("machine configuration: {e}")))?;
+            }
+            Frame::HelloAck { version } => put16(&mut p, *version),
+            Frame::Refuse { reason } | Frame::Abort { reason } => {
+                if reason.len() > MAX_REASON {
+                    return Err(malformed(format!(
+                        "reason of {} bytes, at most {MAX_REASON}",
+                        reason.len()
+                    )));
+                }
+                p.extend_from_slice(reason.as_bytes());
+            }
+            Frame::Pages { round, pages } => {
+                put32(&mut p, *round);
+                put_count(&mut p, pages.len(), "pages", kind)?;
+                for &(gpa, data) in pages {
+                    if data.len() != PAGE_SIZE {
+                        return Err(WireError::PageLength(data.len()));
+                    }
+                    put64(&mut p, gpa);
+                    p.extend_from_slice(data);
+                }
+            }
+            Frame::ZeroPages { round, gpas } => {
+                put32(&mut p, *round);
+                put_count(&mut p, gpas.len(), "pages", kind)?;
+                gpas.iter().for_each(|&gpa| put64(&mut p, gpa));
+            }
+            Frame::Blocks {
+                round,
+                disk,
+                blocks,
+            } => {
+                put32(&mut p, *round);
+                put16(&mut p, *disk);
+                put_count(&mut p, blocks.len(), "blocks", kind)?;
+                for &(index, data) in blocks {
+                    put64(&mut p, index);
+                    let len = u32::try_from(data.len())
+                        .map_err(|_| malformed(format!("block of {} bytes", data.len())))?;
+                    put32(&mut p, len);
+                    p.extend_from_slice(data);
+                }
+            }
+            Frame::ZeroBlocks {
+                round,
+                disk,
+                indices,
+            } => {
+                put32(&mut p, *round);
+                put16(&mut p, *disk);
+                put_count(&mut p, indices.len(), "blocks", kind)?;
+                indices.iter().for_each(|&index| put64(&mut p, index));
+            }
+            Frame::RoundEnd {
+                round,
+                pages,
+                blocks,
+            } => {
+                put32(&mut p, *round);
+                put64(&mut p, *pages);
+                put64(&mut p, *blocks);
+            }
+            Frame::State { bytes } => p.extend_from_slice(bytes),
+            Frame::Done { hash } => p.extend_from_slice(&hash.to_le_bytes()),
+            Frame::Resumed => {}
+        }
+        if p.len() > kind.max_payload() {
+            return Err(WireError::FrameTooLarge {
+                kind,
+                len: p.len() as u64,
+                limit: kind.max_payload() as u64,
+            });
+        }
+        let mut bytes = Vec::with_capacity(HEADER_LEN + p.len());
+        bytes.extend_from_slice(&header_for(kind, &p));
+        bytes.extend_from_slice(&p);
+        Ok(bytes)
+    }
+
+    /// Decodes a payload read for a header of type `kind`. Every count is checked against
+    /// the bytes left before anything is allocated for it; nothing may be left over.
+    pub fn decode(kind: FrameType, payload: &'a [u8]) -> Result<Self, WireError> {
+        let mut p = Parser {
+            kind,
+            rest: payload,
+        };
+        let frame = match kind {
+            FrameType::Hello => {
+                let min_version = p.u16("min version")?;
+                let max_version = p.u16("max version")?;
+                let n = p.u16("region count")?;
+                let n = p.check_count(n.into(), "memory regions", 16)?;
+                let mut regions = Vec::with_capacity(n);
+                for _ in 0..n {
+                    regions.push((p.u64("region gpa")?, p.u64("region size")?));
+                }
+                let machine: MachineConfig = serde_json::from_slice(p.rest())
+                    .map_err(|e| p.malformed(format!("machine configuration: {e}")))?;
+                Frame::Hello(Hello {
+                    min_version,
+                    max_version,
+                    config: MigrationConfig { machine, regions },
+                })
+            }
+            FrameType::HelloAck => Frame::HelloAck {
+                version: p.u16("version")?,
+            },
+            FrameType::Refuse => Frame::Refuse {
+                reason: p.reason()?,
+            },
+            FrameType::Abort => Frame::Abort {
+                reason: p.reason()?,
+            },
+            FrameType::Pages => {
+                let round = p.u32("round")?;
+                let n = p.count("pages", 8 + PAGE_SIZE)?;
+                let mut pages = Vec::with_capacity(n);
+                for _ in 0..n {
+                    pages.push((p.u64("gpa")?, p.bytes(PAGE_SIZE, "page data")?));
+                }
+                Frame::Pages { round, pages }
+            }
+            FrameType::ZeroPages => {
+                let round = p.u32("round")?;
+                let n = p.count("pages", 8)?;
+                let gpas = (0..n).map(|_| p.u64("gpa")).collect::<Result<_, _>>()?;
+                Frame::ZeroPages { round, gpas }
+            }
+            FrameType::Blocks => {
+                let round = p.u32("round")?;
+                let disk = p.u16("disk")?;
+                let n = p.count("blocks", 12)?;
+                let mut blocks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let index = p.u64("block index")?;
+                    let len = p.u32("block length")?;
+                    blocks.push((index, p.bytes(len as usize, "block data")?));
+                }
+                Frame::Blocks {
+                    round,
+                    disk,
+                    blocks,
+                }
+            }
+            FrameType::ZeroBlocks => {
+                let round = p.u32("round")?;
+                let disk = p.u16("disk")?;
+                let n = p.count("blocks", 8)?;
+                let indices = (0..n)
+                    .map(|_| p.u64("block index"))
+                    .collect::<Result<_, _>>()?;
+                Frame::ZeroBlocks {
+                    round,
+                    disk,
+                    indices,
+                }
+            }
+            FrameType::RoundEnd => Frame::RoundEnd {
+                round: p.u32("round")?,
+                pages: p.u64("page count")?,
+                blocks: p.u64("block count")?,
+            },
+            FrameType::State => Frame::State { bytes: p.rest() },
+            FrameType::Done => Frame::Done {
+                hash: u128::from_le_bytes(p.array("hash")?),
+            },
+            FrameType::Resumed => Frame::Resumed,
+        };
+        p.finish()?;
+        Ok(frame)
+    }
+}
+
+fn put16(p: &mut Vec<u8>, v: u16) {
+    p.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put32(p: &mut Vec<u8>, v: u32) {
+    p.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put64(p: &mut Vec<u8>, v: u64) {
+    p.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_count(
+    p: &mut Vec<u8>,
+    n: usize,
+    what: &'static str,
+    kind: FrameType,
+) -> Result<(), WireError> {
+    let malformed = |reason| WireError::Malformed { kind, reason };
+    match u32::try_from(n) {
+        Ok(0) => Err(malformed(format!("no {what}"))),
+        Ok(n) => {
+            put32(p, n);
+            Ok(())
+        }
+        Err(_) => Err(malformed(format!("{n} {what}"))),
+    }
+}
+
+/// Reads a payload's fields front to back; every read is bounds-checked.
+struct Parser<'a> {
+    kind: FrameType,
+    rest: &'a [u8],
+}
+
+impl<'a> Parser<'a> {
+    fn malformed(&self, reason: String) -> WireError {
+        WireError::Malformed {
+            kind: self.kind,
+            reason,
+        }
+    }
+
+    fn bytes(&mut self, n: usize, what: &str) -> Result<&'a [u8], WireError> {
+        if n > self.rest.len() {
+            return Err(self.malformed(format!("{what} needs {n} bytes, {} left", self.rest.len())));
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], WireError> {
+        let mut array = [0; N];
+        array.copy_from_slice(self.bytes(N, what)?);
+        Ok(array)
+    }
+
+    fn u16(&mut self, what: &str) -> Result<u16, WireError> {
+        self.array(what).map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, WireError> {
+        self.array(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, WireError> {
+        self.array(what).map(u64::from_le_bytes)
+    }
+
+    /// A u32 count of entries of at least `entry` bytes each, at least one.
+    fn count(&mut self, what: &'static str, entry: usize) -> Result<usize, WireError> {
+        let n = self.u32("count")?;
+        if n == 0 {
+            return Err(self.malformed(format!("no {what}")));
+        }
+        self.check_count(n.into(), what, entry)
+    }
+
+    /// Checks that `n` entries of at least `entry` bytes each fit in what is left.
+    fn check_count(&self, n: u64, what: &str, entry: usize) -> Result<usize, WireError> {
+        // n < 2^32 and entry is small: no overflow.
+        let need = n * entry as u64;
+        if need > self.rest.len() as u64 {
+            return Err(self.malformed(format!(
+                "{n} {what} need at least {need} bytes, {} left",
+                self.rest.len()
+            )));
+        }
+        Ok(n as usize)
+    }
+
+    fn reason(&mut self) -> Result<String, WireError> {
+        let bytes = self.rest();
+        if bytes.len() > MAX_REASON {
+            return Err(self.malformed(format!(
+                "reason of {} bytes, at most {MAX_REASON}",
+                bytes.len()
+            )));
+        }
+        String::from_utf8(bytes.to_vec()).map_err(|e| self.malformed(format!("reason: {e}")))
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.rest)
+    }
+
+    fn finish(self) -> Result<(), WireError> {
+        if !self.rest.is_empty() {
+            return Err(self.malformed(format!("{} bytes after the last field", self.rest.len())));
+        }
+        Ok(())
+    }
+}
