@@ -1,11 +1,12 @@
 //! Which blocks of a disk image the guest wrote since the last look: the block-granular
 //! dirty bitmap pre-copy migration sends disks by. Always on: a write request costs one
-//! atomic OR per 64 KiB block it touches.
+//! atomic OR per 4 KiB block it touches.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Granularity of the bitmap, in bytes.
-pub const DIRTY_BLOCK_SIZE: u64 = 64 << 10;
+/// Granularity of the bitmap, in bytes: the migration wire protocol's block size, so a
+/// dirty bit is exactly one block on the wire.
+pub const DIRTY_BLOCK_SIZE: u64 = 4 << 10;
 
 /// One bit per [`DIRTY_BLOCK_SIZE`] block of a disk.
 #[derive(Debug)]
@@ -79,7 +80,7 @@ mod tests {
 
     #[test]
     fn marks_every_block_a_write_touches_and_take_clears() {
-        let d = DiskDirty::new(16 << 20);
+        let d = DiskDirty::new(256 * DIRTY_BLOCK_SIZE);
         assert_eq!(d.blocks(), 256);
         d.mark(0, 512);
         d.mark(DIRTY_BLOCK_SIZE - 512, 1024); // straddles blocks 0 and 1
