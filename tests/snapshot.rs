@@ -6,21 +6,14 @@
 use std::sync::MutexGuard;
 use std::time::Duration;
 
-use rig::{RigConfig, L2};
+use rig::L2;
 
-const HOSPES: &str = env!("CARGO_BIN_EXE_hospes");
+mod common;
+
 const TIMEOUT: Duration = Duration::from_secs(600);
 
 fn l2() -> MutexGuard<'static, L2> {
-    rig::shared(|| {
-        let guest = rig::guest_dir().expect("default guest");
-        RigConfig::default()
-            .disk_mib(1024)
-            .add_binary(HOSPES, "/usr/local/bin/hospes")
-            .add_file(guest.join("vmlinuz"), "/guest/vmlinuz")
-            .add_file(guest.join("initramfs.cpio.gz"), "/guest/initramfs.cpio.gz")
-    })
-    .expect("L2 boots")
+    common::l2_with_data_disk()
 }
 
 /// Runs `script` in a fresh directory /data/<dir> of L2 and returns its output; panics

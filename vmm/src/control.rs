@@ -15,6 +15,7 @@
 //! VMM thread processes no device events, so nothing touches guest memory during a
 //! snapshot but the snapshot itself.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::json;
@@ -97,71 +98,64 @@ impl Control {
                 }
             }
             ApiRequest::Shutdown => (ApiResponse::no_content(), Some(Outcome::Shutdown)),
-            ApiRequest::Snapshot { dir, then } => {
-                if dir.exists() {
-                    let message = format!("snapshot directory {} already exists", dir.display());
-                    return (ApiResponse::error(409, message), None);
-                }
-                let was_running = self.state == RunState::Running;
-                if was_running {
-                    if let Err(e) = pause_all(vm) {
-                        return (ApiResponse::error(500, e), None);
-                    }
-                }
-                let start = Instant::now();
-                let saved = checkpoint::save(vm, &dir);
-                let duration_ms = start.elapsed().as_millis() as u64;
-                match (saved, then) {
-                    (Ok(saved), Then::Stop) => {
-                        tracing::info!(
-                            "snapshot written to {} in {duration_ms} ms; stopping",
-                            dir.display()
-                        );
-                        (
-                            ApiResponse::ok(json!({
-                                "dir": dir,
-                                "duration_ms": duration_ms,
-                                "memory_bytes": saved.memory_bytes,
-                                "then": then.as_str(),
-                            })),
-                            Some(Outcome::Snapshotted(dir)),
-                        )
-                    }
-                    (saved, _) => {
-                        if was_running {
-                            if let Err(e) = resume_all(vm) {
-                                // The guest cannot go on; say so and stop rather than
-                                // leave a VM that looks running and is not.
-                                tracing::error!("resuming after the snapshot failed: {e}");
-                                return (ApiResponse::error(500, e), Some(Outcome::Shutdown));
-                            }
-                        }
-                        match saved {
-                            Ok(saved) => {
-                                tracing::info!(
-                                    "snapshot written to {} in {duration_ms} ms",
-                                    dir.display()
-                                );
-                                (
-                                    ApiResponse::ok(json!({
-                                        "dir": dir,
-                                        "duration_ms": duration_ms,
-                                        "memory_bytes": saved.memory_bytes,
-                                        "then": then.as_str(),
-                                    })),
-                                    None,
-                                )
-                            }
-                            Err(e) => {
-                                tracing::warn!("snapshot to {} failed: {e}", dir.display());
-                                (ApiResponse::error(500, e.to_string()), None)
-                            }
-                        }
-                    }
-                }
-            }
+            ApiRequest::Snapshot { dir, then } => self.snapshot(vm, dir, then),
         }
     }
+
+    /// Pauses (if running), writes the snapshot, then stops, resumes or stays paused.
+    fn snapshot(
+        &mut self,
+        vm: &mut Vm,
+        dir: PathBuf,
+        then: Then,
+    ) -> (ApiResponse, Option<Outcome>) {
+        if dir.exists() {
+            let message = format!("snapshot directory {} already exists", dir.display());
+            return (ApiResponse::error(409, message), None);
+        }
+        let was_running = self.state == RunState::Running;
+        if was_running {
+            if let Err(e) = pause_all(vm) {
+                return (ApiResponse::error(500, e), None);
+            }
+        }
+        let start = Instant::now();
+        let saved = checkpoint::save(vm, &dir);
+        let duration_ms = start.elapsed().as_millis() as u64;
+        let response = match saved {
+            Ok(saved) => {
+                tracing::info!("snapshot written to {} in {duration_ms} ms", dir.display());
+                let body =
+                    ApiResponse::ok(snapshot_body(&dir, duration_ms, saved.memory_bytes, then));
+                if then == Then::Stop {
+                    return (body, Some(Outcome::Snapshotted(dir)));
+                }
+                body
+            }
+            Err(e) => {
+                tracing::warn!("snapshot to {} failed: {e}", dir.display());
+                ApiResponse::error(500, e.to_string())
+            }
+        };
+        if was_running {
+            if let Err(e) = resume_all(vm) {
+                // The guest cannot go on; say so and stop rather than leave a VM that
+                // looks running and is not.
+                tracing::error!("resuming after the snapshot failed: {e}");
+                return (ApiResponse::error(500, e), Some(Outcome::Shutdown));
+            }
+        }
+        (response, None)
+    }
+}
+
+fn snapshot_body(dir: &Path, duration_ms: u64, memory_bytes: u64, then: Then) -> serde_json::Value {
+    json!({
+        "dir": dir,
+        "duration_ms": duration_ms,
+        "memory_bytes": memory_bytes,
+        "then": then.as_str(),
+    })
 }
 
 /// Pauses every vCPU; if one fails, those already paused run again.
