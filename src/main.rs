@@ -38,6 +38,43 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         api_sock: Option<PathBuf>,
     },
+    /// Wait for one VM migrated here (`hospes migrate`), then run it. Its drive images are
+    /// made in --dir.
+    Receive {
+        /// Where to listen for the source (UDP, QUIC), e.g. 0.0.0.0:4430.
+        #[arg(long, value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// This peer's identity key (`hospes keygen`).
+        #[arg(long, value_name = "KEY")]
+        identity: PathBuf,
+        /// The public key of a peer allowed to send a VM (repeatable).
+        #[arg(long, value_name = "PUBKEY", required = true, num_args = 1..)]
+        trust: Vec<p2p::PeerId>,
+        /// Where to make the drive images.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+        /// Serve the control API on this Unix socket once the VM runs.
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
+    },
+    /// Move a running VM to another hospes (`hospes receive`) while it runs; prints one
+    /// summary line. On any failure the VM runs on here.
+    Migrate {
+        /// The VM's API socket.
+        socket: PathBuf,
+        /// The destination's address.
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+        /// The destination's public key.
+        #[arg(long, value_name = "PUBKEY")]
+        peer: String,
+        /// This peer's identity key (the destination must trust its public key).
+        #[arg(long, value_name = "KEY")]
+        identity: PathBuf,
+        /// The longest the guest may be paused.
+        #[arg(long, value_name = "MS", default_value_t = vmm::api::DEFAULT_DOWNTIME_MS)]
+        downtime_ms: u64,
+    },
     /// Validate a service spec without starting anything.
     Check {
         /// The service spec (TOML).
@@ -133,6 +170,21 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Migrate {
+            socket,
+            to,
+            peer,
+            identity,
+            downtime_ms,
+        } => {
+            return match migrate(&socket, &to, &peer, &identity, downtime_ms) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hospes: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Keygen { file } => {
             return match keygen(&file) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -145,6 +197,19 @@ fn main() -> ExitCode {
         Command::Check { spec } => check(&spec),
         Command::Run { spec, api_sock } => run(&spec, api_sock),
         Command::Restore { dir, api_sock } => restore(&dir, api_sock),
+        Command::Receive {
+            listen,
+            identity,
+            trust,
+            dir,
+            api_sock,
+        } => receive(vmm::migration::destination::ReceiveOptions {
+            listen,
+            identity,
+            trust,
+            dir,
+            api_socket: api_sock,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -238,6 +303,52 @@ fn ctl(socket: &Path, action: CtlCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `hospes migrate`: one `PUT /migrate`, waiting for its end; one line either way.
+fn migrate(
+    socket: &Path,
+    to: &str,
+    peer: &str,
+    identity: &Path,
+    downtime_ms: u64,
+) -> anyhow::Result<()> {
+    let identity = std::path::absolute(identity)
+        .map_err(|e| anyhow::anyhow!("cannot resolve {}: {e}", identity.display()))?;
+    let body = serde_json::json!({
+        "to": to,
+        "peer": peer,
+        "identity": identity,
+        "downtime_ms": downtime_ms,
+    });
+    let response = vmm::api::request(socket, "PUT", "/migrate", Some(&body))?;
+    if !response.is_success() {
+        let message = match response.error_message() {
+            Some(m) => m.to_owned(),
+            None => response.body.to_string(),
+        };
+        anyhow::bail!("{message} (HTTP {})", response.status);
+    }
+    let b = &response.body;
+    let f = |k: &str| b.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    println!(
+        "migrated to {to}: total_ms={:.1} downtime_ms={:.1} rounds={} bytes={} pages={} blocks={} bandwidth_MBps={:.1}",
+        f("total_ms"),
+        f("downtime_ms"),
+        f("rounds"),
+        f("bytes"),
+        f("pages"),
+        f("blocks"),
+        f("bandwidth_bytes_per_s") / 1e6
+    );
+    Ok(())
+}
+
+/// `hospes receive`: waits for one VM and runs it.
+fn receive(options: vmm::migration::destination::ReceiveOptions) -> Result<(), VmmError> {
+    let outcome = vmm::migration::destination::receive(&options)?;
+    report("received VM", outcome);
+    Ok(())
+}
+
 /// `hospes keygen`: writes a new identity key and prints its peer id.
 fn keygen(file: &Path) -> Result<(), p2p::IdentityError> {
     let identity = p2p::Identity::generate()?;
@@ -292,6 +403,7 @@ fn report(name: &str, outcome: Outcome) {
         Outcome::Reset => eprintln!("hospes: guest {name:?} rebooted; a microVM stops on reboot"),
         Outcome::Signal(sig) => eprintln!("hospes: stopped guest {name:?} on signal {sig}"),
         Outcome::Shutdown => eprintln!("hospes: guest {name:?} stopped through the API"),
+        Outcome::Migrated { to } => eprintln!("hospes: guest {name:?} migrated to {to}"),
         Outcome::Snapshotted(dir) => eprintln!(
             "hospes: guest {name:?} saved to {} and stopped",
             dir.display()

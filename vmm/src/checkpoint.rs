@@ -111,11 +111,10 @@ unsafe fn ram_slices(mem: &devices::GuestMemoryMmap) -> (Vec<&mut [u8]>, Vec<(u6
     (slices, regions)
 }
 
-/// Writes a snapshot of paused `vm` to `dir` (module documentation).
-pub(crate) fn save(vm: &Vm, dir: &Path) -> Result<Saved, CheckpointError> {
-    let start = Instant::now();
-    let writer = SnapshotWriter::begin(dir)?;
-
+/// The vCPU, VM-wide and device state of paused `vm`.
+fn capture(
+    vm: &Vm,
+) -> Result<(Vec<snapshot::VcpuState>, snapshot::KvmVmState, DevicesState), CheckpointError> {
     let vcpus = vm
         .vcpus
         .iter()
@@ -126,6 +125,33 @@ pub(crate) fn save(vm: &Vm, dir: &Path) -> Result<Saved, CheckpointError> {
         serial: lock(&vm.serial).save_state(),
         virtio: vm.transports.iter().map(|t| lock(t).save_state()).collect(),
     };
+    Ok((vcpus, kvm_state, devices))
+}
+
+/// The whole state of paused `vm` but its memory and disks, which travel separately: what
+/// a migration's State frame carries. The machine is `vm.config` unchanged, as the
+/// migration's Hello announced it.
+pub(crate) fn capture_state(vm: &Vm) -> Result<VmState, CheckpointError> {
+    let (vcpus, kvm_state, devices) = capture(vm)?;
+    let regions = vm.mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    Ok(VmState {
+        machine: vm.config.clone(),
+        memory: MemoryState {
+            file: MEMORY_FILE.into(),
+            regions,
+        },
+        vm: kvm_state,
+        vcpus,
+        devices,
+    })
+}
+
+/// Writes a snapshot of paused `vm` to `dir` (module documentation).
+pub(crate) fn save(vm: &Vm, dir: &Path) -> Result<Saved, CheckpointError> {
+    let start = Instant::now();
+    let writer = SnapshotWriter::begin(dir)?;
+
+    let (vcpus, kvm_state, devices) = capture(vm)?;
 
     let memory_path = writer.path(MEMORY_FILE);
     let file = File::create(&memory_path).map_err(|source| CheckpointError::Create {
@@ -183,7 +209,7 @@ fn bad(dir: &Path, reason: impl Into<String>) -> VmmError {
 }
 
 /// Checks what the state says against what this hospes would build, before building.
-fn check_layout(dir: &Path, state: &VmState) -> Result<(), VmmError> {
+pub(crate) fn check_layout(dir: &Path, state: &VmState) -> Result<(), VmmError> {
     let total = u64::from(state.machine.memory_mib) << 20;
     let expected: Vec<(u64, u64)> = ram_ranges(total)
         .into_iter()
@@ -235,10 +261,7 @@ pub fn restore(dir: &Path, options: &RunOptions) -> Result<Outcome, VmmError> {
         .map(ApiServer::start)
         .transpose()?;
 
-    // 2. KVM and the VM.
-    let (kvm, vm) = vm::create_vm()?;
-
-    // 3. Memory.
+    // 2-6.
     let mem = memory::create_guest_memory(state.memory.total_bytes())?;
     {
         let path = dir.join(&state.memory.file);
@@ -252,11 +275,34 @@ pub fn restore(dir: &Path, options: &RunOptions) -> Result<Outcome, VmmError> {
         snapshot::memory::read_memory(&file, &mut slices, state.memory.total_bytes())
             .map_err(|e| bad(&dir, e.to_string()))?;
     }
+    let spec_json = serde_json::json!({
+        "restored_from": dir,
+        "machine": state.machine,
+    });
+    let built = build_from_state(state, mem, &dir, spec_json)?;
+    tracing::info!("restored {} from {}", built.name, dir.display());
+    vm::run_built(built, api, None)
+}
+
+/// Steps 2-6 of a restore: a VM built around `mem` (already holding guest RAM) and the
+/// drive images in `dir`, in `state`'s configuration and state, its vCPUs not started.
+/// A migration destination builds its VM the same way.
+pub(crate) fn build_from_state(
+    state: VmState,
+    mem: devices::GuestMemoryMmap,
+    dir: &Path,
+    spec_json: serde_json::Value,
+) -> Result<Built, VmmError> {
+    // 2. KVM and the VM.
+    let (kvm, vm) = vm::create_vm()?;
+
+    // 3. Memory, filled by the caller.
     memory::register_with_kvm(&vm, &mem)?;
 
     // 4. Devices.
     let mut platform = vm::platform(&vm, Some(&state.devices.serial))?;
     let mut devices: Vec<Box<dyn virtio::VirtioDevice + Send>> = Vec::new();
+    let mut disk_dirty = Vec::new();
     for d in &state.machine.drives {
         let config = BlockConfig {
             id: d.id.clone(),
@@ -268,12 +314,12 @@ pub fn restore(dir: &Path, options: &RunOptions) -> Result<Outcome, VmmError> {
                 virtio::CacheMode::Writeback
             },
         };
-        devices.push(Box::new(Block::new(config).map_err(|e| {
-            VmmError::Device {
-                id: d.id.clone(),
-                reason: e.to_string(),
-            }
-        })?));
+        let block = Block::new(config).map_err(|e| VmmError::Device {
+            id: d.id.clone(),
+            reason: e.to_string(),
+        })?;
+        disk_dirty.push(block.dirty());
+        devices.push(Box::new(block));
     }
     for n in &state.machine.nets {
         let config = virtio::NetConfig {
@@ -317,7 +363,6 @@ pub fn restore(dir: &Path, options: &RunOptions) -> Result<Outcome, VmmError> {
     for transport in &transports {
         lock(transport).process_all_queues();
     }
-    tracing::info!("restored {} from {}", state.machine.name, dir.display());
     let drive_paths = state
         .machine
         .drives
@@ -326,10 +371,7 @@ pub fn restore(dir: &Path, options: &RunOptions) -> Result<Outcome, VmmError> {
         .collect();
     let built = Built {
         name: state.machine.name.clone(),
-        spec_json: serde_json::json!({
-            "restored_from": dir,
-            "machine": state.machine,
-        }),
+        spec_json,
         config: state.machine,
         drive_paths,
         kvm,
@@ -337,7 +379,8 @@ pub fn restore(dir: &Path, options: &RunOptions) -> Result<Outcome, VmmError> {
         mem,
         platform,
         transports,
+        disk_dirty,
         vcpu_fds,
     };
-    vm::run_built(built, api)
+    Ok(built)
 }

@@ -14,14 +14,25 @@
 //! it found it in, and no snapshot directory behind. While one request is handled the
 //! VMM thread processes no device events, so nothing touches guest memory during a
 //! snapshot but the snapshot itself.
+//!
+//! A migration (`PUT /migrate`, see `migration`) is different: its thread works while the
+//! VMM thread goes on servicing devices, so its request is answered only when it ends.
+//! Meanwhile the VM is `migrating`: pause, resume, snapshot and another migration are
+//! refused with 409. The migration thread's requests are handled in
+//! [`Control::poll_migration`]; when it pauses the vCPUs for stop-and-copy the VMM
+//! thread waits for its end and handles nothing else.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::Instant;
 
 use serde_json::json;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiRequest, ApiResponse, Then};
 use crate::checkpoint;
+use crate::dirty::DirtyLog;
+use crate::migration::{self, MigrationError, Report, ToVmm};
 use crate::vm::{Outcome, Vm};
 
 /// Whether the vCPUs run.
@@ -40,18 +51,196 @@ impl RunState {
     }
 }
 
+/// A migration under way, as the VMM thread sees it.
+struct Migration {
+    /// The migration thread's requests.
+    requests: Receiver<ToVmm>,
+    /// Where the API request that started it waits for its answer.
+    reply: Sender<ApiResponse>,
+    /// Dirty logging, once the migration thread switched it on.
+    dirty: Option<DirtyLog>,
+    /// Whether the vCPUs are paused for stop-and-copy.
+    paused: bool,
+    to: std::net::SocketAddr,
+}
+
 /// The control side of one VM.
 pub(crate) struct Control {
     state: RunState,
     started: Instant,
+    /// Written by a migration thread with each request; the event loop watches it.
+    wake: EventFd,
+    migration: Option<Migration>,
 }
 
 impl Control {
-    /// A VM whose vCPUs were just started.
-    pub(crate) fn new() -> Control {
+    /// A VM whose vCPUs were just started; `wake` wakes the event loop.
+    pub(crate) fn new(wake: EventFd) -> Control {
         Control {
             state: RunState::Running,
             started: Instant::now(),
+            wake,
+            migration: None,
+        }
+    }
+
+    /// Answers `request` on `reply` (a migration answers when it ends); `Some(outcome)`
+    /// when the VM is to end.
+    pub(crate) fn handle_request(
+        &mut self,
+        vm: &mut Vm,
+        request: ApiRequest,
+        reply: Sender<ApiResponse>,
+    ) -> Option<Outcome> {
+        if self.migration.is_some() && request != ApiRequest::Status {
+            if request == ApiRequest::Shutdown {
+                // The migration thread dies with the process; the destination discards.
+                let _ = reply.send(ApiResponse::no_content());
+                return Some(Outcome::Shutdown);
+            }
+            let _ = reply.send(ApiResponse::error(
+                409,
+                "the VM is migrating; try again when the migration has ended",
+            ));
+            return None;
+        }
+        if let ApiRequest::Migrate(request) = request {
+            if self.state != RunState::Running {
+                let _ = reply.send(ApiResponse::error(
+                    409,
+                    "the VM is paused; resume it before migrating",
+                ));
+                return None;
+            }
+            let wake = match self.wake.try_clone() {
+                Ok(w) => w,
+                Err(e) => {
+                    let _ = reply.send(ApiResponse::error(500, format!("eventfd: {e}")));
+                    return None;
+                }
+            };
+            let to = request.to;
+            match migration::source::start(vm, request, wake) {
+                Ok(requests) => {
+                    tracing::info!("migration to {to} started");
+                    self.migration = Some(Migration {
+                        requests,
+                        reply,
+                        dirty: None,
+                        paused: false,
+                        to,
+                    });
+                }
+                Err(e) => {
+                    let _ = reply.send(ApiResponse::error(500, e.to_string()));
+                }
+            }
+            return None;
+        }
+        let (response, outcome) = self.handle(vm, request);
+        let _ = reply.send(response);
+        outcome
+    }
+
+    /// Serves the migration thread's requests; `Some(outcome)` when the VM has moved.
+    pub(crate) fn poll_migration(&mut self, vm: &mut Vm) -> Option<Outcome> {
+        let migration = self.migration.as_mut()?;
+        loop {
+            let message = match migration.requests.try_recv() {
+                Ok(message) => message,
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Disconnected) => ToVmm::Finished(Err(MigrationError::Vmm(
+                    "the migration thread ended without a word".into(),
+                ))),
+            };
+            match message {
+                ToVmm::StartDirty(answer) => {
+                    let started = DirtyLog::start(&vm.fd, &vm.mem).map_err(|e| e.to_string());
+                    let _ = answer.send(started.map(|log| migration.dirty = Some(log)));
+                }
+                ToVmm::Collect(answer) => {
+                    let _ = answer.send(collect(migration, vm));
+                }
+                ToVmm::Pause(answer) => {
+                    let paused = pause_all(vm).map(|()| migration.paused = true);
+                    let result = paused
+                        .and_then(|()| collect(migration, vm))
+                        .and_then(|dirty| {
+                            checkpoint::capture_state(vm)
+                                .map(|state| (dirty, state))
+                                .map_err(|e| e.to_string())
+                        });
+                    let _ = answer.send(result);
+                    // Stop-and-copy: nothing but the migration's end until it ends.
+                    let end = match migration.requests.recv() {
+                        Ok(ToVmm::Finished(result)) => result,
+                        Ok(_) => Err(MigrationError::Vmm(
+                            "the migration thread asked for more after the pause".into(),
+                        )),
+                        Err(_) => Err(MigrationError::Vmm(
+                            "the migration thread ended without a word".into(),
+                        )),
+                    };
+                    return self.end_migration(vm, end);
+                }
+                ToVmm::Finished(result) => return self.end_migration(vm, result),
+            }
+        }
+    }
+
+    /// The migration ended: on success the VM stops here; on failure it runs on as
+    /// before (dirty logging off, vCPUs resumed).
+    fn end_migration(
+        &mut self,
+        vm: &mut Vm,
+        result: Result<Report, MigrationError>,
+    ) -> Option<Outcome> {
+        let migration = self.migration.take()?;
+        match result {
+            Ok(report) => {
+                tracing::info!(
+                    "migrated to {} in {:.1} ms, downtime {:.1} ms",
+                    migration.to,
+                    migration::ms(report.total),
+                    migration::ms(report.downtime)
+                );
+                let _ = migration.reply.send(ApiResponse::ok(json!({
+                    "to": migration.to.to_string(),
+                    "rounds": report.rounds,
+                    "total_ms": migration::ms(report.total),
+                    "downtime_ms": migration::ms(report.downtime),
+                    "bytes": report.bytes,
+                    "pages": report.pages,
+                    "blocks": report.blocks,
+                    "bandwidth_bytes_per_s": report.bandwidth,
+                })));
+                Some(Outcome::Migrated {
+                    to: migration.to.to_string(),
+                })
+            }
+            Err(e) => {
+                if let Some(log) = migration.dirty {
+                    if let Err(e) = log.stop(&vm.fd) {
+                        tracing::warn!("switching dirty logging off: {e}");
+                    }
+                }
+                if migration.paused {
+                    if let Err(e) = resume_all(vm) {
+                        tracing::error!("resuming after the failed migration failed: {e}");
+                        let _ = migration.reply.send(ApiResponse::error(500, e));
+                        return Some(Outcome::Shutdown);
+                    }
+                }
+                tracing::warn!("migration to {} failed; the VM runs on here", migration.to);
+                let _ = migration.reply.send(ApiResponse::error(
+                    502,
+                    format!(
+                        "migration to {} failed, the VM runs on here: {e}",
+                        migration.to
+                    ),
+                ));
+                None
+            }
         }
     }
 
@@ -65,7 +254,7 @@ impl Control {
             ApiRequest::Status => (
                 ApiResponse::ok(json!({
                     "service": vm.name,
-                    "state": self.state.name(),
+                    "state": if self.migration.is_some() { "migrating" } else { self.state.name() },
                     "spec": vm.spec_json,
                     "uptime_ms": self.started.elapsed().as_millis() as u64,
                 })),
@@ -98,6 +287,11 @@ impl Control {
                 }
             }
             ApiRequest::Shutdown => (ApiResponse::no_content(), Some(Outcome::Shutdown)),
+            // Handled in `handle_request`.
+            ApiRequest::Migrate(_) => (
+                ApiResponse::error(500, "migration requests go through handle_request"),
+                None,
+            ),
             ApiRequest::Snapshot { dir, then } => self.snapshot(vm, dir, then),
         }
     }
@@ -176,4 +370,14 @@ fn resume_all(vm: &Vm) -> Result<(), String> {
         vcpu.resume().map_err(|e| format!("resuming failed: {e}"))?;
     }
     Ok(())
+}
+
+/// The pages dirtied since the last collection.
+fn collect(migration: &Migration, vm: &Vm) -> Result<Vec<crate::dirty::DirtyRegion>, String> {
+    migration
+        .dirty
+        .as_ref()
+        .ok_or_else(|| "dirty logging is not on".to_string())?
+        .collect(&vm.fd, &vm.mem)
+        .map_err(|e| e.to_string())
 }

@@ -15,6 +15,7 @@ pub mod cpuid;
 pub mod dirty;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod regs;
 pub mod spec;
 pub mod state;
@@ -99,6 +100,9 @@ pub enum VmmError {
     /// The control API could not start.
     #[error(transparent)]
     Api(#[from] api::ApiError),
+    /// A migration failed.
+    #[error(transparent)]
+    Migration(#[from] migration::MigrationError),
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),

@@ -58,6 +58,11 @@ pub enum Outcome {
     Shutdown,
     /// A snapshot was written to this directory and the VM stopped, as asked.
     Snapshotted(PathBuf),
+    /// The VM migrated: it runs on the destination now, which acknowledged it.
+    Migrated {
+        /// The destination's address.
+        to: String,
+    },
 }
 
 /// The boot files a VM runs, resolved from the spec or the default guest.
@@ -252,9 +257,16 @@ pub fn check_host() -> Result<(), VmmError> {
     }
 }
 
+/// Virtio devices in guest order, and each drive's dirty-block bitmap.
+pub(crate) type VirtioDevices = (
+    Vec<Box<dyn virtio::VirtioDevice + Send>>,
+    Vec<Arc<virtio::DiskDirty>>,
+);
+
 /// The spec's virtio devices, in guest order: drives (vda, vdb, ...) then networks.
-fn virtio_devices(spec: &Spec) -> Result<Vec<Box<dyn virtio::VirtioDevice + Send>>, VmmError> {
+fn virtio_devices(spec: &Spec) -> Result<VirtioDevices, VmmError> {
     let mut out: Vec<Box<dyn virtio::VirtioDevice + Send>> = Vec::new();
+    let mut dirty = Vec::new();
     for d in &spec.drives {
         let cache = match d.cache {
             crate::spec::CacheMode::Writeback => virtio::CacheMode::Writeback,
@@ -266,12 +278,12 @@ fn virtio_devices(spec: &Spec) -> Result<Vec<Box<dyn virtio::VirtioDevice + Send
             read_only: d.read_only,
             cache,
         };
-        out.push(Box::new(Block::new(config).map_err(|e| {
-            VmmError::Device {
-                id: d.id.clone(),
-                reason: e.to_string(),
-            }
-        })?));
+        let block = Block::new(config).map_err(|e| VmmError::Device {
+            id: d.id.clone(),
+            reason: e.to_string(),
+        })?;
+        dirty.push(block.dirty());
+        out.push(Box::new(block));
     }
     for n in &spec.nets {
         let mac = n
@@ -289,7 +301,7 @@ fn virtio_devices(spec: &Spec) -> Result<Vec<Box<dyn virtio::VirtioDevice + Send
             }
         })?));
     }
-    Ok(out)
+    Ok((out, dirty))
 }
 
 /// Puts one virtio device behind a virtio-mmio window: its interrupt becomes an irqfd on
@@ -351,6 +363,8 @@ pub(crate) struct Vm {
     pub(crate) mem: devices::GuestMemoryMmap,
     pub(crate) serial: Arc<Mutex<SerialConsole>>,
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Each drive's dirty-block bitmap, in `config.drives` order.
+    pub(crate) disk_dirty: Vec<Arc<virtio::DiskDirty>>,
     pub(crate) vcpus: Vec<VcpuHandle>,
     /// /dev/kvm, open as long as the VM.
     pub(crate) _kvm: Kvm,
@@ -518,7 +532,8 @@ pub fn run(spec: &Spec, files: &BootFiles, options: &RunOptions) -> Result<Outco
         virtio: Vec::new(),
     };
     let mut transports = Vec::new();
-    for (i, device) in virtio_devices(spec)?.into_iter().enumerate() {
+    let (devices, disk_dirty) = virtio_devices(spec)?;
+    for (i, device) in devices.into_iter().enumerate() {
         let slot = virtio_slot(i);
         transports.push(attach_virtio(
             &vm,
@@ -572,9 +587,10 @@ pub fn run(spec: &Spec, files: &BootFiles, options: &RunOptions) -> Result<Outco
         mem,
         platform,
         transports,
+        disk_dirty,
         vcpu_fds: vcpus,
     };
-    run_built(built, api)
+    run_built(built, api, None)
 }
 
 /// A VM with every part in place and its vCPUs not yet started.
@@ -588,20 +604,26 @@ pub(crate) struct Built {
     pub(crate) mem: devices::GuestMemoryMmap,
     pub(crate) platform: Platform,
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) disk_dirty: Vec<Arc<virtio::DiskDirty>>,
     pub(crate) vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
 }
 
-/// Wakes the event loop when the API thread has queued requests; the loop drains them.
-struct ApiWake(EventFd);
+/// Runs once the vCPUs of a built VM run (a migration destination acknowledges then); an
+/// error stops the VM.
+pub(crate) type AfterStart = Box<dyn FnOnce() -> Result<(), VmmError>>;
 
-impl MutEventSubscriber for ApiWake {
+/// Wakes the event loop when another thread (the API's, a migration's) has queued
+/// requests; the loop drains them.
+struct Wake(EventFd);
+
+impl MutEventSubscriber for Wake {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.0.read();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
-            tracing::error!("cannot watch the API eventfd: {e:?}");
+            tracing::error!("cannot watch a wake eventfd: {e:?}");
         }
     }
 }
@@ -610,6 +632,7 @@ impl MutEventSubscriber for ApiWake {
 pub(crate) fn run_built(
     built: Built,
     api: Option<(ApiServer, ApiChannel)>,
+    after_start: Option<AfterStart>,
 ) -> Result<Outcome, VmmError> {
     let Built {
         name,
@@ -621,6 +644,7 @@ pub(crate) fn run_built(
         mem,
         platform,
         transports,
+        disk_dirty,
         vcpu_fds,
     } = built;
     let Platform {
@@ -655,11 +679,14 @@ pub(crate) fn run_built(
     }
     let (_api_server, api_requests) = match api {
         Some((server, channel)) => {
-            events.add_subscriber(Arc::new(Mutex::new(ApiWake(channel.wake))));
+            events.add_subscriber(Arc::new(Mutex::new(Wake(channel.wake))));
             (Some(server), Some(channel.requests))
         }
         None => (None, None),
     };
+    let migration_wake = eventfd("migration wake")?;
+    let control_wake = clone_fd(&migration_wake)?;
+    events.add_subscriber(Arc::new(Mutex::new(Wake(migration_wake))));
     let _raw_terminal = if terminal::stdin_is_terminal() {
         events.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
             serial: serial.clone(),
@@ -706,10 +733,17 @@ pub(crate) fn run_built(
         mem,
         serial,
         transports,
+        disk_dirty,
         vcpus,
         _kvm: kvm,
     };
-    let mut control = Control::new();
+    if let Some(after_start) = after_start {
+        if let Err(e) = after_start() {
+            std::mem::forget(vm);
+            return Err(e);
+        }
+    }
+    let mut control = Control::new(control_wake);
     loop {
         if let Some(outcome) = lock(&supervisor).outcome.take() {
             // The vCPU threads may still be inside KVM_RUN on this VM and its memory;
@@ -720,13 +754,15 @@ pub(crate) fn run_built(
         }
         if let Some(requests) = &api_requests {
             while let Ok((request, reply)) = requests.try_recv() {
-                let (response, outcome) = control.handle(&mut vm, request);
-                let _ = reply.send(response);
-                if let Some(outcome) = outcome {
+                if let Some(outcome) = control.handle_request(&mut vm, request, reply) {
                     std::mem::forget(vm);
                     return Ok(outcome);
                 }
             }
+        }
+        if let Some(outcome) = control.poll_migration(&mut vm) {
+            std::mem::forget(vm);
+            return Ok(outcome);
         }
         events
             .run()

@@ -16,6 +16,7 @@
 //! | PUT    | `/vm/resume`   | [`ApiRequest::Resume`]       |
 //! | PUT    | `/vm/shutdown` | [`ApiRequest::Shutdown`]     |
 //! | PUT    | `/snapshot`    | [`ApiRequest::Snapshot`]     |
+//! | PUT    | `/migrate`     | [`ApiRequest::Migrate`]      |
 
 pub mod client;
 pub mod http;
@@ -59,7 +60,26 @@ pub enum ApiRequest {
         /// What the VM does once the snapshot is written.
         then: Then,
     },
+    /// `PUT /migrate`: move the running VM to another hospes (`hospes receive`); answered
+    /// when the migration has ended either way.
+    Migrate(MigrateRequest),
 }
+
+/// Where and how to migrate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateRequest {
+    /// The destination's `hospes receive --listen` address.
+    pub to: std::net::SocketAddr,
+    /// The destination's public key: no other peer is accepted there.
+    pub peer: p2p::PeerId,
+    /// This peer's identity key file; always absolute.
+    pub identity: PathBuf,
+    /// The longest the guest may be paused, in milliseconds.
+    pub downtime_ms: u64,
+}
+
+/// The downtime budget when the request names none.
+pub const DEFAULT_DOWNTIME_MS: u64 = 50;
 
 /// What a VM does after a snapshot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -512,7 +532,7 @@ impl RouteError {
 pub fn allowed_methods(path: &str) -> Option<&'static str> {
     match path {
         "/vm" => Some("GET"),
-        "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/snapshot" => Some("PUT"),
+        "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/snapshot" | "/migrate" => Some("PUT"),
         _ => None,
     }
 }
@@ -546,6 +566,7 @@ pub fn route(req: &Request, cwd: &Path) -> Result<ApiRequest, RouteError> {
         "/vm/pause" => ApiRequest::Pause,
         "/vm/resume" => ApiRequest::Resume,
         "/vm/shutdown" => ApiRequest::Shutdown,
+        "/migrate" => return migrate_request(&req.body, cwd),
         _ => return snapshot_request(&req.body, cwd),
     };
     if !is_empty_body(&req.body) {
@@ -585,6 +606,57 @@ fn snapshot_request(body: &[u8], cwd: &Path) -> Result<ApiRequest, RouteError> {
         dir: cwd.join(body.dir),
         then: body.then,
     })
+}
+
+/// The body of `PUT /migrate`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateBody {
+    to: String,
+    peer: String,
+    identity: PathBuf,
+    downtime_ms: Option<u64>,
+}
+
+fn migrate_request(body: &[u8], cwd: &Path) -> Result<ApiRequest, RouteError> {
+    let usage = r#"PUT /migrate needs a JSON body: {"to": "host:port", "peer": "<64 hex digits>", "identity": "/path/key", "downtime_ms": 50}"#;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(RouteError::new(400, usage));
+    }
+    let body: MigrateBody = serde_json::from_slice(body)
+        .map_err(|e| RouteError::new(400, format!("invalid migrate body: {e}")))?;
+    let to = body.to.parse().map_err(|e| {
+        RouteError::new(
+            400,
+            format!(
+                "invalid migrate body: to {:?} is not an address:port ({e})",
+                body.to
+            ),
+        )
+    })?;
+    let peer = body
+        .peer
+        .parse()
+        .map_err(|e| RouteError::new(400, format!("invalid migrate body: {e}")))?;
+    if body.identity.as_os_str().is_empty() {
+        return Err(RouteError::new(
+            400,
+            "invalid migrate body: identity is empty",
+        ));
+    }
+    let downtime_ms = body.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS);
+    if downtime_ms == 0 {
+        return Err(RouteError::new(
+            400,
+            "invalid migrate body: downtime_ms must be at least 1",
+        ));
+    }
+    Ok(ApiRequest::Migrate(MigrateRequest {
+        to,
+        peer,
+        identity: cwd.join(body.identity),
+        downtime_ms,
+    }))
 }
 
 #[cfg(test)]

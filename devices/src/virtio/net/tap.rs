@@ -20,32 +20,24 @@ pub(super) struct Tap {
 
 impl Tap {
     /// Opens (creating it if missing) the TAP interface `name`.
+    ///
+    /// A TAP hospes creates is multi-queue, and an existing one is attached as a queue of
+    /// its own when it is multi-queue: a VM migrating between two hospes on one host is
+    /// then held by both processes for the moment of the handover (the source lets go
+    /// when it exits). A single-queue TAP (`tunctl`) still works, for one process at a
+    /// time: Linux refuses a mismatched IFF_MULTI_QUEUE with EINVAL, and then the plain
+    /// attach is tried.
     pub(super) fn open(name: &str) -> Result<Tap, NetError> {
         validate_name(name)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(|source| NetError::OpenTun { source })?;
-
-        // SAFETY: `ifreq` is a plain C struct (name array plus a union of plain fields);
-        // all-zero is a valid value of it.
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-            *dst = src as libc::c_char;
-        }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
-        // SAFETY: TUNSETIFF reads and writes one `ifreq`, which outlives the call; the name
-        // is NUL-terminated because it is at most IFNAMSIZ - 1 bytes of a zeroed array.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
-        if ret < 0 {
-            return Err(NetError::CreateTap {
-                name: name.to_owned(),
-                source: io::Error::last_os_error(),
-            });
-        }
-
+        let base = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        let file = match Self::attach(name, base | libc::IFF_MULTI_QUEUE) {
+            Err(NetError::CreateTap { source, .. })
+                if source.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                Self::attach(name, base)?
+            }
+            other => other?,
+        };
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one c_int, which outlives the call.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
@@ -63,6 +55,34 @@ impl Tap {
             file,
             name: name.to_owned(),
         })
+    }
+
+    /// A /dev/net/tun descriptor attached to TAP `name` with `flags` (TUNSETIFF).
+    fn attach(name: &str, flags: libc::c_int) -> Result<File, NetError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|source| NetError::OpenTun { source })?;
+
+        // SAFETY: `ifreq` is a plain C struct (name array plus a union of plain fields);
+        // all-zero is a valid value of it.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = flags as i16;
+        // SAFETY: TUNSETIFF reads and writes one `ifreq`, which outlives the call; the name
+        // is NUL-terminated because it is at most IFNAMSIZ - 1 bytes of a zeroed array.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
+        if ret < 0 {
+            return Err(NetError::CreateTap {
+                name: name.to_owned(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(file)
     }
 
     /// Tells the kernel which offloads the guest accepts on frames it receives

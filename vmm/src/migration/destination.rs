@@ -1,0 +1,305 @@
+//! `hospes receive`: waits for one incoming VM, builds it from the stream exactly as a
+//! restore builds it from a snapshot, runs it, and acknowledges.
+//!
+//! Order, and why:
+//! 1. The host is checked, the identity loaded and the API socket bound before anything
+//!    listens: a destination that could not run the VM must not accept one.
+//! 2. The first connection from a trusted peer is taken (untrusted ones never get past
+//!    the TLS handshake); the source opens the one stream.
+//! 3. On the Hello: the memory layout must be the one this hospes builds for that much
+//!    RAM, and every drive image must be new in the receive directory. Guest memory (fresh,
+//!    zeroed) and sparse drive images of the announced sizes are made, then HelloAck.
+//! 4. Pages and blocks are written as they arrive (the `Receiver` has checked each one).
+//! 5. On Done (the hash matched): the VM is built from the State frame (`checkpoint::
+//!    build_from_state`), its vCPUs start, and only then does Resumed go back. If the
+//!    build fails the source is told to resume (Abort).
+//! 6. Any failure before Done, or an Abort from the source: the drive images made here
+//!    are deleted, the memory dropped, and `receive` returns the error.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use p2p::wire::{Event, Receiver, Sink, BLOCK_SIZE};
+use p2p::{Endpoint, Identity, PeerId};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::stream::{runtime, StreamReader, StreamWriter};
+use super::MigrationError;
+use crate::api::ApiServer;
+use crate::checkpoint;
+use crate::layout::ram_ranges;
+use crate::vm::{self, Outcome};
+use crate::{memory, VmmError};
+
+/// How long the destination waits, after Resumed, for the source to close the connection
+/// (its sign that it read Resumed and stops).
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// What `hospes receive` was told.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// Where to listen (UDP).
+    pub listen: SocketAddr,
+    /// This peer's identity key file.
+    pub identity: PathBuf,
+    /// The peers allowed to send a VM.
+    pub trust: Vec<PeerId>,
+    /// Where the drive images are made.
+    pub dir: PathBuf,
+    /// Serve the control API on this Unix socket, as `hospes run` does.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// Where received pages and blocks go.
+struct Target {
+    mem: Option<devices::GuestMemoryMmap>,
+    disks: Vec<File>,
+    /// Drive images made here, deleted unless the VM runs.
+    made: Vec<PathBuf>,
+}
+
+impl Target {
+    fn discard(&mut self) {
+        self.disks.clear();
+        for path in self.made.drain(..) {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!("cannot remove {}: {e}", path.display());
+            }
+        }
+        self.mem = None;
+    }
+}
+
+impl Sink for Target {
+    fn write_page(&mut self, gpa: u64, data: &[u8]) -> io::Result<()> {
+        let mem = self
+            .mem
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no guest memory yet"))?;
+        mem.write_slice(data, GuestAddress(gpa))
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    fn write_block(&mut self, disk: u16, index: u64, data: &[u8]) -> io::Result<()> {
+        let file = self
+            .disks
+            .get(usize::from(disk))
+            .ok_or_else(|| io::Error::other(format!("no disk {disk}")))?;
+        file.write_all_at(data, index * BLOCK_SIZE as u64)
+    }
+}
+
+/// Receives one VM and runs it until it ends (module documentation).
+pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
+    // 1.
+    vm::check_host()?;
+    let identity =
+        Identity::load(&options.identity).map_err(|source| MigrationError::Identity {
+            path: options.identity.clone(),
+            source,
+        })?;
+    let api = options
+        .api_socket
+        .as_deref()
+        .map(ApiServer::start)
+        .transpose()?;
+    let rt = runtime()?;
+
+    // 2.
+    let (endpoint, peer, conn, send, recv) = rt.block_on(async {
+        let endpoint = Endpoint::server(&identity, options.listen, options.trust.clone())?;
+        tracing::info!(
+            "waiting for a VM on {}",
+            endpoint.local_addr().unwrap_or(options.listen)
+        );
+        let (peer, conn) = endpoint.accept().await?;
+        let addr = conn.remote_address();
+        let (send, recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| MigrationError::Connection {
+                peer: addr,
+                reason: e.to_string(),
+            })?;
+        Ok::<_, MigrationError>((endpoint, peer, conn, send, recv))
+    })?;
+    tracing::info!(
+        "receiving a VM from peer {peer} at {}",
+        conn.remote_address()
+    );
+    let mut out = StreamWriter {
+        rt: rt.handle().clone(),
+        stream: send,
+        bytes: 0,
+    };
+    let mut input = StreamReader {
+        rt: rt.handle().clone(),
+        stream: recv,
+    };
+    let mut receiver = Receiver::new();
+    let mut target = Target {
+        mem: None,
+        disks: Vec::new(),
+        made: Vec::new(),
+    };
+
+    // 3-4.
+    let state = match receive_stream(
+        &mut receiver,
+        &mut input,
+        &mut out,
+        &mut target,
+        &options.dir,
+    ) {
+        Ok(state) => state,
+        Err(e) => {
+            target.discard();
+            let _ = out.stream.finish();
+            conn.close(1u32.into(), b"migration failed");
+            return Err(e.into());
+        }
+    };
+
+    // 5.
+    let mem = target
+        .mem
+        .take()
+        .ok_or_else(|| MigrationError::Unacceptable("the stream ended without a Hello".into()))?;
+    target.disks.clear();
+    let built = checkpoint::check_layout(&options.dir, &state).and_then(|()| {
+        let spec_json = serde_json::json!({
+            "migrated_from": conn.remote_address().to_string(),
+            "machine": state.machine,
+        });
+        checkpoint::build_from_state(*state, mem, &options.dir, spec_json)
+    });
+    let built = match built {
+        Ok(built) => built,
+        Err(e) => {
+            let _ = receiver.abort(&mut out, &format!("the destination cannot run the VM: {e}"));
+            let _ = out.stream.finish();
+            rt.block_on(async {
+                let _ = tokio::time::timeout(CLOSE_WAIT, conn.closed()).await;
+            });
+            target.discard();
+            return Err(e);
+        }
+    };
+    let after_start: vm::AfterStart = Box::new(move || {
+        let acked = receiver.resumed(&mut out);
+        let _ = out.stream.finish();
+        let closed = rt.block_on(async { tokio::time::timeout(CLOSE_WAIT, conn.closed()).await });
+        endpoint.close();
+        drop(rt);
+        match (acked, closed) {
+            (Ok(()), Ok(_)) => {
+                tracing::info!("VM received and running; the source has let go");
+                Ok(())
+            }
+            // The source read Resumed or will time out and resume: with the write lost
+            // it resumes, so this side must stop.
+            (Err(e), _) => Err(MigrationError::from(e).into()),
+            (Ok(()), Err(_)) => {
+                tracing::warn!(
+                    "the source did not close the connection within {CLOSE_WAIT:?} after Resumed"
+                );
+                Ok(())
+            }
+        }
+    });
+    vm::run_built(built, api, Some(after_start))
+}
+
+/// Steps 3-4: the stream up to a Done whose hash matched; the State it carried.
+fn receive_stream(
+    receiver: &mut Receiver,
+    input: &mut StreamReader,
+    out: &mut StreamWriter,
+    target: &mut Target,
+    dir: &Path,
+) -> Result<Box<snapshot::VmState>, MigrationError> {
+    let mut state = None;
+    loop {
+        match receiver.next(input, target)? {
+            Event::Hello { config, .. } => {
+                if let Err(reason) = prepare(&config, dir, target) {
+                    let _ = receiver.refuse(out, &reason);
+                    return Err(MigrationError::Unacceptable(reason));
+                }
+                receiver.accept(out)?;
+                tracing::info!(
+                    "accepted VM {:?}: {} MiB, {} drive(s)",
+                    config.machine.name,
+                    config.machine.memory_mib,
+                    config.machine.drives.len()
+                );
+            }
+            Event::Applied { .. } => {}
+            Event::RoundEnd {
+                round,
+                pages,
+                blocks,
+            } => tracing::debug!("round {round}: {pages} pages, {blocks} blocks"),
+            Event::State(s) => state = Some(s),
+            Event::Done => {
+                return state
+                    .ok_or_else(|| MigrationError::Unacceptable("Done without a State".into()))
+            }
+            Event::Aborted(reason) => {
+                return Err(MigrationError::Wire(p2p::wire::WireError::Aborted(reason)))
+            }
+        }
+    }
+}
+
+/// Step 3: memory and drive images for the VM a Hello announced.
+fn prepare(
+    config: &p2p::wire::MigrationConfig,
+    dir: &Path,
+    target: &mut Target,
+) -> Result<(), String> {
+    let total = u64::from(config.machine.memory_mib) << 20;
+    let expected: Vec<(u64, u64)> = ram_ranges(total)
+        .into_iter()
+        .map(|(a, l)| (a.0, l))
+        .collect();
+    if config.regions != expected {
+        return Err(format!(
+            "memory regions {:x?} are not the layout of a {} MiB guest here {expected:x?}",
+            config.regions, config.machine.memory_mib
+        ));
+    }
+    let mem = memory::create_guest_memory(total).map_err(|e| e.to_string())?;
+    for drive in &config.machine.drives {
+        let name = Path::new(&drive.file);
+        if name.components().count() != 1 || name.file_name().is_none() {
+            return Err(format!(
+                "drive {}: file name {:?} is not a plain name",
+                drive.id, drive.file
+            ));
+        }
+        let path = dir.join(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| format!("drive {}: cannot create {}: {e}", drive.id, path.display()))?;
+        target.made.push(path.clone());
+        file.set_len(drive.size).map_err(|e| {
+            format!(
+                "drive {}: cannot size {} to {} bytes: {e}",
+                drive.id,
+                path.display(),
+                drive.size
+            )
+        })?;
+        target.disks.push(file);
+    }
+    target.mem = Some(mem);
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Pre-copy live migration between two hospes processes over one QUIC connection with
+//! mutual TLS (`p2p::transport`), speaking the framed protocol of `p2p::wire`.
+//!
+//! Threads on the source, and who owns what:
+//! - the VMM thread keeps running the event loop (devices stay serviced: the guest runs
+//!   on during pre-copy) and owns everything that needs the VM's file descriptors: the
+//!   KVM dirty log, pausing, resuming and reading the vCPU and device state. It answers
+//!   the migration thread's [`ToVmm`] requests, which come down a channel with an eventfd
+//!   to wake its epoll loop (as the API's requests do);
+//! - the migration thread (`source`) owns the connection, on its own tokio runtime, and
+//!   reads guest memory (a clone of the mapping) and the drive images concurrently with
+//!   the running guest. A page or block read while the guest writes it may be torn; it
+//!   is dirty then, so a later round sends it again.
+//!
+//! The order, and why:
+//! 1. Connect (the destination's key is the only one accepted there; ours must be one it
+//!    trusts), Hello with the machine configuration, wait for HelloAck.
+//! 2. Dirty tracking on (KVM's log and the VMM bitmap, see `dirty`), and each drive's
+//!    dirty-block bitmap emptied, *before* round 0 reads anything: a write after that is
+//!    in the next round's set, a write before it is in what round 0 reads.
+//! 3. Round 0: every non-zero page and disk block. Rounds 1..: what was dirtied since.
+//! 4. Before each round: the dirty set's bytes plus what is still unsent in the QUIC
+//!    buffers, over the bandwidth measured so far (UDP bytes out per second since the
+//!    Hello), is the downtime stop-and-copy would cost. Within the budget: go to 5. After
+//!    [`MAX_ROUNDS`] rounds without that: abort (the guest dirties memory faster than the
+//!    link carries it).
+//! 5. Stop-and-copy: the VMM thread pauses the vCPUs, takes the last dirty log and the
+//!    vCPU, VM and device state, and then blocks until the migration ends, so no device
+//!    touches guest memory or disks any more. The migration thread takes the last dirty
+//!    blocks (block I/O completes on the VMM thread, so none is in flight), sends the
+//!    pending and last pages and blocks as the final round, the state, and Done with the
+//!    hash of every frame.
+//! 6. The destination checks the hash, builds the VM exactly as a restore does, starts
+//!    its vCPUs and answers Resumed. Only on Resumed does the source stop (exit with
+//!    [`crate::vm::Outcome::Migrated`]). Any failure before it (refused, connection lost,
+//!    destination killed, a bad or truncated stream, a timeout) ends the migration
+//!    thread with an error; the VMM thread then switches dirty logging off, resumes the
+//!    vCPUs if it paused them, answers the API with the reason and runs on.
+//!
+//! On the destination (`destination`), one thread does it all: guest memory and sparse
+//! drive images are made when the Hello arrives, filled as frames arrive, and thrown away
+//! on any failure before the VM runs.
+
+pub mod destination;
+pub(crate) mod source;
+mod stream;
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use snapshot::VmState;
+
+use crate::dirty::DirtyRegion;
+
+/// Rounds after round 0 before a migration that does not converge is given up.
+pub const MAX_ROUNDS: u32 = 30;
+/// How long dialing the destination may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a single read or write on the migration stream may wait. The connection's
+/// idle timeout (`p2p::transport::IDLE_TIMEOUT`) usually notices a dead peer first.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the migration thread asks of the VMM thread.
+pub(crate) enum ToVmm {
+    /// Switch dirty logging on.
+    StartDirty(Sender<Result<(), String>>),
+    /// The pages dirtied since the last call (or since logging started).
+    Collect(Sender<Result<Vec<DirtyRegion>, String>>),
+    /// Pause the vCPUs; the last dirty pages and the VM's state. The VMM thread then waits
+    /// for `Finished` and handles nothing else.
+    Pause(Sender<Result<(Vec<DirtyRegion>, VmState), String>>),
+    /// The migration ended: `Ok` once the destination runs the VM.
+    Finished(Result<Report, MigrationError>),
+}
+
+/// What a finished migration measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Rounds sent, the final (paused) one included.
+    pub rounds: u32,
+    /// From the API request to the destination's acknowledgement.
+    pub total: Duration,
+    /// From pausing the vCPUs to the destination's acknowledgement: an upper bound of
+    /// the time the guest did not run.
+    pub downtime: Duration,
+    /// Bytes of migration stream sent.
+    pub bytes: u64,
+    /// Page entries sent, all rounds.
+    pub pages: u64,
+    /// Disk block entries sent, all rounds.
+    pub blocks: u64,
+    /// Bandwidth measured at the end of pre-copy, bytes per second.
+    pub bandwidth: u64,
+}
+
+/// Why a migration failed. On the source the VM runs on; on the destination nothing
+/// received is kept.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The identity key could not be loaded.
+    #[error("identity {}: {source}", path.display())]
+    Identity {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        source: p2p::IdentityError,
+    },
+    /// The async runtime could not start.
+    #[error("cannot start the migration's async runtime: {0}")]
+    Runtime(io::Error),
+    /// The QUIC endpoint or the connection failed.
+    #[error(transparent)]
+    Transport(#[from] p2p::TransportError),
+    /// The connection broke.
+    #[error("connection to {peer}: {reason}")]
+    Connection {
+        /// The peer's address.
+        peer: std::net::SocketAddr,
+        /// quinn's description.
+        reason: String,
+    },
+    /// Something took too long.
+    #[error("timed out after {waited:?} {what}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// How long.
+        waited: Duration,
+    },
+    /// The protocol failed (including a refusal or an abort by the peer).
+    #[error(transparent)]
+    Wire(#[from] p2p::wire::WireError),
+    /// The VMM thread could not do its part.
+    #[error("VMM thread: {0}")]
+    Vmm(String),
+    /// A drive image could not be read or written.
+    #[error("drive {id} ({}): {source}", path.display())]
+    Disk {
+        /// The drive id.
+        id: String,
+        /// Its image.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Guest memory could not be read or written.
+    #[error("guest memory at {gpa:#x}: {reason}")]
+    Memory {
+        /// Where.
+        gpa: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Pre-copy did not converge.
+    #[error(
+        "not converged after {rounds} rounds: {pending} bytes still dirty at {bandwidth} bytes/s \
+         would take {estimate:?}, the downtime budget is {budget:?}"
+    )]
+    NotConverged {
+        /// Rounds sent.
+        rounds: u32,
+        /// Bytes the final round would carry.
+        pending: u64,
+        /// Measured bandwidth.
+        bandwidth: u64,
+        /// The downtime that would cost.
+        estimate: Duration,
+        /// The budget.
+        budget: Duration,
+    },
+    /// The destination cannot take this VM.
+    #[error("cannot receive this VM: {0}")]
+    Unacceptable(String),
+}
+
+/// A pause long enough to read, in whole milliseconds and a fraction.
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

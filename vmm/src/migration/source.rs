@@ -1,0 +1,433 @@
+//! The source's migration thread: dials the destination, runs pre-copy rounds while the
+//! guest runs, asks the VMM thread to pause for stop-and-copy, and reports how it ended
+//! (the order is in the parent module).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::virtio::{set_bits, DiskDirty};
+use p2p::wire::{MigrationConfig, Sender, BLOCK_SIZE, PAGE_SIZE};
+use p2p::{Endpoint, Identity};
+use snapshot::MachineConfig;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::stream::{runtime, StreamReader, StreamWriter};
+use super::{MigrationError, Report, ToVmm, CONNECT_TIMEOUT, MAX_ROUNDS};
+use crate::api::MigrateRequest;
+use crate::dirty::DirtyRegion;
+use crate::vm::Vm;
+
+/// Pages read from guest memory at once in round 0.
+const CHUNK_PAGES: usize = 256;
+/// The slowest link the convergence estimate assumes, bytes per second: before any
+/// measurement, and to keep a stalled measurement from dividing by zero.
+const MIN_BANDWIDTH: f64 = 1e6;
+/// How long to let queued data drain before deciding a round, at most.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+/// One drive as the migration thread reads it.
+struct Disk {
+    id: String,
+    path: PathBuf,
+    file: File,
+    size: u64,
+    dirty: Arc<DiskDirty>,
+}
+
+/// What the migration thread works with; nothing of it needs the VMM thread.
+struct Source {
+    request: MigrateRequest,
+    machine: MachineConfig,
+    regions: Vec<(u64, u64)>,
+    mem: devices::GuestMemoryMmap,
+    disks: Vec<Disk>,
+    to_vmm: mpsc::Sender<ToVmm>,
+    wake: EventFd,
+    started: Instant,
+}
+
+/// Starts migrating `vm` as `request` says; the VMM thread receives the thread's requests
+/// on the returned channel, each announced on `wake`.
+pub(crate) fn start(
+    vm: &Vm,
+    request: MigrateRequest,
+    wake: EventFd,
+) -> Result<Receiver<ToVmm>, MigrationError> {
+    let mut disks = Vec::new();
+    for ((drive, path), dirty) in vm
+        .config
+        .drives
+        .iter()
+        .zip(&vm.drive_paths)
+        .zip(&vm.disk_dirty)
+    {
+        let disk_err = |source| MigrationError::Disk {
+            id: drive.id.clone(),
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(path).map_err(disk_err)?;
+        let size = file.metadata().map_err(disk_err)?.len();
+        if size != drive.size {
+            return Err(MigrationError::Unacceptable(format!(
+                "drive {} is {size} bytes now, {} when the VM started",
+                drive.id, drive.size
+            )));
+        }
+        disks.push(Disk {
+            id: drive.id.clone(),
+            path: path.clone(),
+            file,
+            size,
+            dirty: dirty.clone(),
+        });
+    }
+    let (to_vmm, requests) = channel();
+    let source = Source {
+        request,
+        machine: vm.config.clone(),
+        regions: vm.mem.iter().map(|r| (r.start_addr().0, r.len())).collect(),
+        mem: vm.mem.clone(),
+        disks,
+        to_vmm,
+        wake,
+        started: Instant::now(),
+    };
+    std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || {
+            let result = source.run();
+            if let Err(e) = &result {
+                tracing::warn!("migration to {} failed: {e}", source.request.to);
+            }
+            source.tell(ToVmm::Finished(result));
+        })
+        .map_err(|e| MigrationError::Vmm(format!("cannot start the migration thread: {e}")))?;
+    Ok(requests)
+}
+
+/// Dirty pages and blocks waiting to be sent.
+#[derive(Default)]
+struct Pending {
+    /// Per memory region, its dirty bitmap (empty: none).
+    pages: Vec<DirtyRegion>,
+    /// Per disk, its dirty-block bitmap.
+    blocks: Vec<Vec<u64>>,
+}
+
+impl Pending {
+    fn add_pages(&mut self, regions: Vec<DirtyRegion>) {
+        if self.pages.is_empty() {
+            self.pages = regions;
+            return;
+        }
+        for (into, from) in self.pages.iter_mut().zip(regions) {
+            or_into(&mut into.bitmap, &from.bitmap);
+        }
+    }
+
+    fn add_blocks(&mut self, disks: &[Disk]) {
+        let taken: Vec<Vec<u64>> = disks.iter().map(|d| d.dirty.take()).collect();
+        if self.blocks.is_empty() {
+            self.blocks = taken;
+            return;
+        }
+        for (into, from) in self.blocks.iter_mut().zip(taken) {
+            or_into(into, &from);
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        let pages: u64 = self.pages.iter().map(DirtyRegion::count).sum();
+        let blocks: u64 = self
+            .blocks
+            .iter()
+            .flatten()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        pages * PAGE_SIZE as u64 + blocks * BLOCK_SIZE as u64
+    }
+}
+
+fn or_into(into: &mut Vec<u64>, from: &[u64]) {
+    if into.len() < from.len() {
+        into.resize(from.len(), 0);
+    }
+    for (a, b) in into.iter_mut().zip(from) {
+        *a |= b;
+    }
+}
+
+impl Source {
+    fn tell(&self, message: ToVmm) {
+        if self.to_vmm.send(message).is_ok() {
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// Asks the VMM thread something and waits for the answer.
+    fn ask<T>(
+        &self,
+        make: impl FnOnce(mpsc::Sender<Result<T, String>>) -> ToVmm,
+    ) -> Result<T, MigrationError> {
+        let (tx, rx) = channel();
+        self.tell(make(tx));
+        rx.recv()
+            .map_err(|_| MigrationError::Vmm("the VMM thread did not answer".into()))?
+            .map_err(MigrationError::Vmm)
+    }
+
+    fn run(&self) -> Result<Report, MigrationError> {
+        let path = &self.request.identity;
+        let identity = Identity::load(path).map_err(|source| MigrationError::Identity {
+            path: path.clone(),
+            source,
+        })?;
+        let rt = runtime()?;
+        let (to, peer) = (self.request.to, self.request.peer);
+        let (endpoint, conn) = rt.block_on(async {
+            let endpoint = Endpoint::client(&identity)?;
+            let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(to, peer))
+                .await
+                .map_err(|_| MigrationError::Timeout {
+                    what: "connecting to the destination",
+                    waited: CONNECT_TIMEOUT,
+                })??;
+            let (send, recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| MigrationError::Connection {
+                    peer: to,
+                    reason: e.to_string(),
+                })?;
+            Ok::<_, MigrationError>((endpoint, (conn, send, recv)))
+        })?;
+        let (conn, send, recv) = conn;
+        tracing::info!("migrating to peer {peer} at {to}");
+        let mut out = StreamWriter {
+            rt: rt.handle().clone(),
+            stream: send,
+            bytes: 0,
+        };
+        let mut input = StreamReader {
+            rt: rt.handle().clone(),
+            stream: recv,
+        };
+        let config = MigrationConfig::new(self.machine.clone(), self.regions.clone())?;
+        let mut sender = Sender::new(config)?;
+        let result = self.migrate(&mut sender, &mut out, &mut input, &conn);
+        match &result {
+            Ok(_) => conn.close(0u32.into(), b"migrated"),
+            Err(e) => {
+                // Best effort: the destination may be gone already.
+                let _ = sender.abort(&mut out, &e.to_string());
+                let _ = out.stream.finish();
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+                });
+                conn.close(1u32.into(), b"migration failed");
+            }
+        }
+        endpoint.close();
+        result
+    }
+
+    fn migrate(
+        &self,
+        sender: &mut Sender,
+        out: &mut StreamWriter,
+        input: &mut StreamReader,
+        conn: &quinn::Connection,
+    ) -> Result<Report, MigrationError> {
+        let budget = Duration::from_millis(self.request.downtime_ms);
+        sender.hello(out)?;
+        sender.read_ack(input)?;
+        let udp_start = conn.stats().udp_tx.bytes;
+        let precopy_start = Instant::now();
+        // Bytes per second actually leaving through the socket since the Hello, and what
+        // is written to the stream but still queued.
+        let bandwidth = || {
+            let sent = conn.stats().udp_tx.bytes.saturating_sub(udp_start) as f64;
+            (sent / precopy_start.elapsed().as_secs_f64().max(1e-3)).max(MIN_BANDWIDTH)
+        };
+        let queued = |out: &StreamWriter| {
+            let sent = conn.stats().udp_tx.bytes.saturating_sub(udp_start);
+            out.bytes.saturating_sub(sent)
+        };
+
+        // Step 2: tracking on, then round 0 reads everything.
+        self.ask(ToVmm::StartDirty)?;
+        for disk in &self.disks {
+            disk.dirty.take();
+        }
+        let (mut pages, mut blocks) = (0u64, 0u64);
+        self.send_everything(sender, out)?;
+        let stats = sender.end_round(out)?;
+        pages += stats.pages;
+        blocks += stats.blocks;
+        tracing::info!(
+            "round 0: {} pages, {} blocks, {} bytes queued",
+            stats.pages,
+            stats.blocks,
+            out.bytes
+        );
+
+        let mut pending = Pending::default();
+        let mut rounds = 1;
+        loop {
+            // Let most of what is queued leave first: it is part of the downtime otherwise.
+            let waiting = Instant::now();
+            while queued(out) as f64 > bandwidth() * budget.as_secs_f64() / 2.0
+                && waiting.elapsed() < DRAIN_WAIT
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            pending.add_pages(self.ask(ToVmm::Collect)?);
+            pending.add_blocks(&self.disks);
+            let bw = bandwidth();
+            let left = pending.bytes() + queued(out);
+            let estimate = Duration::from_secs_f64(left as f64 / bw);
+            tracing::info!(
+                "after round {}: {left} bytes to go at {:.0} MB/s: {:.1} ms",
+                rounds - 1,
+                bw / 1e6,
+                super::ms(estimate)
+            );
+            if estimate <= budget {
+                break;
+            }
+            if rounds > MAX_ROUNDS {
+                return Err(MigrationError::NotConverged {
+                    rounds,
+                    pending: left,
+                    bandwidth: bw as u64,
+                    estimate,
+                    budget,
+                });
+            }
+            self.send_pending(sender, out, &std::mem::take(&mut pending))?;
+            let stats = sender.end_round(out)?;
+            pages += stats.pages;
+            blocks += stats.blocks;
+            rounds += 1;
+        }
+
+        // Step 5: stop-and-copy.
+        let bandwidth = bandwidth() as u64;
+        let paused = Instant::now();
+        let (last, state) = self.ask(ToVmm::Pause)?;
+        pending.add_pages(last);
+        pending.add_blocks(&self.disks);
+        self.send_pending(sender, out, &pending)?;
+        let stats = sender.end_round(out)?;
+        pages += stats.pages;
+        blocks += stats.blocks;
+        rounds += 1;
+        sender.state(out, &state)?;
+        sender.done(out)?;
+        let sent = Instant::now();
+        sender.read_resumed(input)?;
+        let downtime = paused.elapsed();
+        tracing::info!(
+            "final round: {} pages, {} blocks; sent in {:.1} ms, acknowledged after {:.1} ms",
+            stats.pages,
+            stats.blocks,
+            super::ms(sent - paused),
+            super::ms(downtime)
+        );
+        Ok(Report {
+            rounds,
+            total: self.started.elapsed(),
+            downtime,
+            bytes: out.bytes,
+            pages,
+            blocks,
+            bandwidth,
+        })
+    }
+
+    /// Round 0: every page and every block (the Sender drops the zero ones).
+    fn send_everything(
+        &self,
+        sender: &mut Sender,
+        out: &mut StreamWriter,
+    ) -> Result<(), MigrationError> {
+        let mut buf = vec![0u8; CHUNK_PAGES * PAGE_SIZE];
+        for &(gpa, size) in &self.regions {
+            let mut at = 0;
+            while at < size {
+                let len = (size - at).min(buf.len() as u64) as usize;
+                self.read_memory(gpa + at, &mut buf[..len])?;
+                for (i, page) in buf[..len].chunks(PAGE_SIZE).enumerate() {
+                    sender.page(out, gpa + at + (i * PAGE_SIZE) as u64, page)?;
+                }
+                at += len as u64;
+            }
+        }
+        for (index, disk) in self.disks.iter().enumerate() {
+            let mut block = 0u64;
+            while block * (BLOCK_SIZE as u64) < disk.size {
+                let offset = block * BLOCK_SIZE as u64;
+                let len = (disk.size - offset).min(buf.len() as u64) as usize;
+                self.read_disk(disk, offset, &mut buf[..len])?;
+                for data in buf[..len].chunks(BLOCK_SIZE) {
+                    sender.block(out, index as u16, block, data)?;
+                    block += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A later round: the pages and blocks in `pending`.
+    fn send_pending(
+        &self,
+        sender: &mut Sender,
+        out: &mut StreamWriter,
+        pending: &Pending,
+    ) -> Result<(), MigrationError> {
+        let mut page = vec![0u8; PAGE_SIZE];
+        for region in &pending.pages {
+            for gpa in region.pages() {
+                self.read_memory(gpa, &mut page)?;
+                sender.page(out, gpa, &page)?;
+            }
+        }
+        for (index, (disk, bitmap)) in self.disks.iter().zip(&pending.blocks).enumerate() {
+            for block in set_bits(bitmap) {
+                let offset = block * BLOCK_SIZE as u64;
+                if offset >= disk.size {
+                    break;
+                }
+                let len = (disk.size - offset).min(BLOCK_SIZE as u64) as usize;
+                self.read_disk(disk, offset, &mut page[..len])?;
+                sender.block(out, index as u16, block, &page[..len])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MigrationError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| MigrationError::Memory {
+                gpa,
+                reason: e.to_string(),
+            })
+    }
+
+    fn read_disk(&self, disk: &Disk, offset: u64, buf: &mut [u8]) -> Result<(), MigrationError> {
+        disk.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| MigrationError::Disk {
+                id: disk.id.clone(),
+                path: disk.path.clone(),
+                source,
+            })
+    }
+}

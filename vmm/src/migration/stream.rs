@@ -1,0 +1,70 @@
+//! A QUIC stream as the blocking `std::io::Read`/`Write` the wire protocol speaks: each
+//! call runs the async operation to completion on the migration's runtime, bounded by
+//! [`super::IO_TIMEOUT`]. The runtime has a worker thread of its own, so the connection
+//! (acknowledgements, keep-alives) is served between calls too.
+
+use std::io::{self, Read, Write};
+
+use tokio::runtime::Handle;
+
+use super::IO_TIMEOUT;
+
+fn timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("no progress on the migration stream for {IO_TIMEOUT:?}"),
+    )
+}
+
+/// The sending half, counting what it wrote.
+pub(crate) struct StreamWriter {
+    pub(crate) rt: Handle,
+    pub(crate) stream: quinn::SendStream,
+    /// Bytes written so far.
+    pub(crate) bytes: u64,
+}
+
+impl Write for StreamWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let stream = &mut self.stream;
+        let n = self
+            .rt
+            .block_on(async { tokio::time::timeout(IO_TIMEOUT, stream.write(buf)).await })
+            .map_err(|_| timed_out())?
+            .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The receiving half.
+pub(crate) struct StreamReader {
+    pub(crate) rt: Handle,
+    pub(crate) stream: quinn::RecvStream,
+}
+
+impl Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let stream = &mut self.stream;
+        let read = self
+            .rt
+            .block_on(async { tokio::time::timeout(IO_TIMEOUT, stream.read(buf)).await })
+            .map_err(|_| timed_out())?
+            .map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e.to_string()))?;
+        Ok(read.unwrap_or(0))
+    }
+}
+
+/// The migration's runtime: one worker thread that drives the QUIC connection.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, super::MigrationError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("migration-io")
+        .enable_all()
+        .build()
+        .map_err(super::MigrationError::Runtime)
+}
