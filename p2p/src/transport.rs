@@ -278,6 +278,12 @@ impl Endpoint {
         self.local
     }
 
+    /// Waits until every closed connection has told its peer so (or `limit` passed):
+    /// before the process exits, so that a close is not lost with the socket.
+    pub async fn wait_idle(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.quinn.wait_idle()).await;
+    }
+
     /// Closes every connection at once and stops accepting; pending `accept`s return
     /// [`TransportError::Closed`].
     pub fn close(&self) {

@@ -233,7 +233,8 @@ impl Source {
                 conn.close(1u32.into(), b"migration failed");
             }
         }
-        endpoint.close();
+        // The close must reach the destination: it waits for it after Resumed.
+        rt.block_on(endpoint.wait_idle(Duration::from_secs(1)));
         result
     }
 
