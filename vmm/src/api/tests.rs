@@ -83,6 +83,64 @@ fn refuses_bad_snapshot_bodies() {
 }
 
 #[test]
+fn routes_migrations() {
+    let peer = "ab".repeat(32);
+    let body =
+        format!(r#"{{"to": "10.0.0.2:4430", "peer": "{peer}", "identity": "keys/src.key"}}"#);
+    assert_eq!(
+        route(&req("PUT", "/migrate", &body), Path::new("/srv")).unwrap(),
+        ApiRequest::Migrate(MigrateRequest {
+            to: "10.0.0.2:4430".parse().unwrap(),
+            peer: peer.parse().unwrap(),
+            identity: "/srv/keys/src.key".into(),
+            downtime_ms: DEFAULT_DOWNTIME_MS,
+        })
+    );
+    let body =
+        format!(r#"{{"to": "[::1]:1", "peer": "{peer}", "identity": "/k", "downtime_ms": 300}}"#);
+    let ApiRequest::Migrate(m) = route(&req("PUT", "/migrate", &body), Path::new("/")).unwrap()
+    else {
+        panic!("not a migration");
+    };
+    assert_eq!(m.downtime_ms, 300);
+}
+
+#[test]
+fn refuses_bad_migrate_bodies() {
+    let peer = "cd".repeat(32);
+    for (body, want) in [
+        (String::new(), "needs a JSON body"),
+        (
+            format!(r#"{{"to": "somewhere", "peer": "{peer}", "identity": "/k"}}"#),
+            "to \"somewhere\" is not an address:port",
+        ),
+        (
+            r#"{"to": "1.2.3.4:5", "peer": "abc", "identity": "/k"}"#.to_string(),
+            "wrong length",
+        ),
+        (
+            format!(r#"{{"to": "1.2.3.4:5", "peer": "{peer}", "identity": ""}}"#),
+            "identity is empty",
+        ),
+        (
+            format!(
+                r#"{{"to": "1.2.3.4:5", "peer": "{peer}", "identity": "/k", "downtime_ms": 0}}"#
+            ),
+            "at least 1",
+        ),
+        (
+            format!(r#"{{"to": "1.2.3.4:5", "peer": "{peer}"}}"#),
+            "missing field `identity`",
+        ),
+    ] {
+        let r = route_err("PUT", "/migrate", &body);
+        assert_eq!(r.status, 400, "{body}");
+        let msg = r.error_message().unwrap();
+        assert!(msg.contains(want), "{body}: {msg}");
+    }
+}
+
+#[test]
 fn refuses_unknown_paths_methods_and_bodies() {
     let r = route_err("GET", "/vm/", "");
     assert_eq!(r.status, 404);

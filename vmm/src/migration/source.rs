@@ -432,3 +432,42 @@ impl Source {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_pages_accumulate_across_collections() {
+        let region = |bitmap: Vec<u64>| DirtyRegion {
+            gpa: 0,
+            size: 128 * PAGE_SIZE as u64,
+            bitmap,
+        };
+        let mut pending = Pending::default();
+        pending.add_pages(vec![region(vec![0b1, 0])]);
+        pending.add_pages(vec![region(vec![0b11, 1 << 63])]);
+        assert_eq!(pending.pages[0].bitmap, vec![0b11, 1 << 63]);
+        assert_eq!(pending.bytes(), 3 * PAGE_SIZE as u64);
+    }
+
+    #[test]
+    fn pending_blocks_take_the_disks_bitmaps() {
+        let dirty = Arc::new(DiskDirty::new(64 * BLOCK_SIZE as u64));
+        let disk = Disk {
+            id: "d".into(),
+            path: "/dev/null".into(),
+            file: File::open("/dev/null").unwrap(),
+            size: 64 * BLOCK_SIZE as u64,
+            dirty: dirty.clone(),
+        };
+        let mut pending = Pending::default();
+        dirty.mark(0, 1);
+        pending.add_blocks(std::slice::from_ref(&disk));
+        dirty.mark(5 * BLOCK_SIZE as u64, 1);
+        pending.add_blocks(std::slice::from_ref(&disk));
+        assert_eq!(set_bits(&pending.blocks[0]).collect::<Vec<_>>(), vec![0, 5]);
+        assert_eq!(pending.bytes(), 2 * BLOCK_SIZE as u64);
+        assert!(set_bits(&dirty.take()).next().is_none());
+    }
+}
