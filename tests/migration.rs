@@ -147,7 +147,7 @@ fn a_migrated_guest_continues_its_counter_disk_and_network_and_the_source_exits_
              [ $rc = 0 ] || { kill $spid $dpid; echo ===OUT0; cat out0; echo ===OUT1; cat out1; exit 0; }\n\
              wait $spid; echo rc0=$?\n\
              pid=$dpid; wait_lines out1 15\n\
-             ping -c 3 -W 5 172.16.9.2 >ping.txt 2>&1 && echo ping=ok || { echo ping=failed; cat ping.txt; }\n\
+             ping -c 3 -W 5 172.16.9.2 >ping.txt 2>&1 && echo ping=ok || { echo ping=failed; cat ping.txt; ip -s link show hos-m0; ip route; cat /proc/net/arp; ls -l /proc/$dpid/fd | grep tun; }\n\
              hospes ctl /tmp/mig-dst.sock status | grep -q '\"running\"' && echo status=running\n\
              hospes ctl /tmp/mig-dst.sock shutdown; wait $dpid; echo rc1=$?\n\
              cmp disk.img dst/disk-data.img 4096 4096 && echo disk=same\n\

@@ -297,3 +297,46 @@ fn an_endpoint_needs_a_runtime() {
         Err(TransportError::NoRuntime)
     ));
 }
+
+/// Bulk throughput on loopback, for tuning: `cargo test -p p2p --test transport bulk --
+/// --ignored --nocapture` (HOSPES_BULK_MIB sets the amount, default 256).
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn bulk() {
+    let mib: usize = std::env::var("HOSPES_BULK_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let server_id = Identity::generate().unwrap();
+    let client_id = Identity::generate().unwrap();
+    let (server, addr) = server(&server_id, &[client_id.public_key()]);
+    let client = Endpoint::client(&client_id).unwrap();
+    let serve = tokio::spawn(async move {
+        let (_, conn) = server.accept().await.unwrap();
+        let (_, mut recv) = conn.accept_bi().await.unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        while let Some(n) = recv.read(&mut buf).await.unwrap() {
+            total += n;
+        }
+        total
+    });
+    let conn = client.connect(addr, server_id.public_key()).await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let chunk = vec![0x5au8; 4 << 20];
+    let start = std::time::Instant::now();
+    for _ in 0..mib / 4 {
+        send.write_all(&chunk).await.unwrap();
+    }
+    send.finish().unwrap();
+    let total = serve.await.unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    let stats = conn.stats();
+    println!(
+        "{} MiB in {secs:.2} s: {:.0} MB/s; {} datagrams, path MTU {}",
+        total >> 20,
+        total as f64 / secs / 1e6,
+        stats.udp_tx.datagrams,
+        stats.path.current_mtu
+    );
+}
