@@ -75,6 +75,10 @@ enum Command {
         /// The longest the guest may be paused.
         #[arg(long, value_name = "MS", default_value_t = vmm::api::DEFAULT_DOWNTIME_MS)]
         downtime_ms: u64,
+        /// When pre-copy does not converge: slow the vCPUs down step by step ("throttle",
+        /// auto-converge) or give up after the round limit and run on here ("abort").
+        #[arg(long, value_name = "HOW", default_value = "throttle", value_parser = ["throttle", "abort"])]
+        converge: String,
         /// Print the migration's record as JSON on stdout (the summary line goes to stderr):
         /// total and downtime in ms, bytes on the wire, rounds, pages and blocks per round.
         #[arg(long)]
@@ -181,9 +185,15 @@ fn main() -> ExitCode {
             peer,
             identity,
             downtime_ms,
+            converge,
             json,
         } => {
-            return match migrate(&socket, &to, &peer, &identity, downtime_ms, json) {
+            let how = MigrateHow {
+                downtime_ms,
+                converge,
+                json,
+            };
+            return match migrate(&socket, &to, &peer, &identity, &how) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("hospes: {e}");
@@ -309,6 +319,13 @@ fn ctl(socket: &Path, action: CtlCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `hospes migrate`'s options beyond where to.
+struct MigrateHow {
+    downtime_ms: u64,
+    converge: String,
+    json: bool,
+}
+
 /// `hospes migrate`: one `PUT /migrate`, answered when the migration ends, while
 /// `GET /vm` is polled for the progress line; one summary line either way.
 fn migrate(
@@ -316,8 +333,7 @@ fn migrate(
     to: &str,
     peer: &str,
     identity: &Path,
-    downtime_ms: u64,
-    json: bool,
+    how: &MigrateHow,
 ) -> anyhow::Result<()> {
     let identity = std::path::absolute(identity)
         .map_err(|e| anyhow::anyhow!("cannot resolve {}: {e}", identity.display()))?;
@@ -325,7 +341,8 @@ fn migrate(
         "to": to,
         "peer": peer,
         "identity": identity,
-        "downtime_ms": downtime_ms,
+        "downtime_ms": how.downtime_ms,
+        "converge": how.converge,
     });
     let owned = socket.to_path_buf();
     let request =
@@ -367,7 +384,7 @@ fn migrate(
         f("blocks"),
         f("bandwidth_bytes_per_s") / 1e6
     );
-    if json {
+    if how.json {
         eprintln!("{line}");
         println!("{}", serde_json::to_string(b)?);
     } else {

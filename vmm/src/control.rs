@@ -165,6 +165,9 @@ impl Control {
                 ToVmm::Collect(answer) => {
                     let _ = answer.send(collect(migration, vm));
                 }
+                ToVmm::Throttle(percent, answer) => {
+                    let _ = answer.send(throttle_all(vm, percent));
+                }
                 ToVmm::Pause(answer) => {
                     let paused = pause_all(vm).map(|()| migration.paused = true);
                     let result = paused
@@ -200,6 +203,12 @@ impl Control {
         result: Result<Report, MigrationError>,
     ) -> Option<Outcome> {
         let migration = self.migration.take()?;
+        if result.is_err() {
+            // Full speed again, whether the guest resumes or stays paused.
+            if let Err(e) = throttle_all(vm, 0) {
+                tracing::warn!("ending the auto-converge throttle: {e}");
+            }
+        }
         match result {
             Ok(report) => {
                 tracing::info!(
@@ -218,6 +227,7 @@ impl Control {
                     "blocks": report.blocks,
                     "bandwidth_bytes_per_s": report.bandwidth,
                     "per_round": report.per_round,
+                    "throttle_percent": report.throttle_percent,
                 })));
                 Some(Outcome::Migrated {
                     to: migration.to.to_string(),
@@ -404,4 +414,12 @@ fn collect(migration: &Migration, vm: &Vm) -> Result<Vec<crate::dirty::DirtyRegi
         .ok_or_else(|| "dirty logging is not on".to_string())?
         .collect(&vm.fd, &vm.mem)
         .map_err(|e| e.to_string())
+}
+
+/// Sets every vCPU's auto-converge throttle (0: off).
+fn throttle_all(vm: &Vm, percent: u32) -> Result<(), String> {
+    for vcpu in &vm.vcpus {
+        vcpu.throttle(percent).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }

@@ -80,6 +80,8 @@ pub(crate) enum ToVmm {
     StartDirty(Sender<Result<(), String>>),
     /// The pages dirtied since the last call (or since logging started).
     Collect(Sender<Result<Vec<DirtyRegion>, String>>),
+    /// Throttle every vCPU to this percentage of time outside the guest (auto-converge).
+    Throttle(u32, Sender<Result<(), String>>),
     /// Pause the vCPUs; the last dirty pages and the VM's state. The VMM thread then waits
     /// for `Finished` and handles nothing else.
     Pause(Sender<Result<(Vec<DirtyRegion>, VmState), String>>),
@@ -121,6 +123,8 @@ pub struct Progress {
     pub expected_downtime_ms: f64,
     /// Since the request, milliseconds.
     pub elapsed_ms: f64,
+    /// Auto-converge: percent of the time the vCPUs are kept out of the guest.
+    pub throttle_percent: u32,
 }
 
 /// What a finished migration measured.
@@ -143,6 +147,8 @@ pub struct Report {
     pub bandwidth: u64,
     /// Each round.
     pub per_round: Vec<RoundReport>,
+    /// The highest auto-converge throttle applied, percent (0: none).
+    pub throttle_percent: u32,
 }
 
 /// Why a migration failed. On the source the VM runs on; on the destination nothing

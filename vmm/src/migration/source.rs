@@ -20,7 +20,7 @@ use super::stream::{runtime, StreamReader, StreamWriter};
 use super::{
     MigrationError, Progress, Report, RoundReport, ToVmm, COMMIT_WAIT, CONNECT_TIMEOUT, MAX_ROUNDS,
 };
-use crate::api::MigrateRequest;
+use crate::api::{Converge, MigrateRequest};
 use crate::dirty::DirtyRegion;
 use crate::vm::Vm;
 
@@ -29,6 +29,14 @@ const CHUNK_PAGES: usize = 256;
 /// The slowest link the convergence estimate assumes, bytes per second: before any
 /// measurement, and to keep a stalled measurement from dividing by zero.
 const MIN_BANDWIDTH: f64 = 1e6;
+/// Auto-converge: pre-copy rounds before throttling may start, the first throttle, its
+/// step per round, and its ceiling (percent of time outside the guest), as QEMU's
+/// cpu-throttle-initial / -increment do. It starts when the guest dirtied more than half
+/// as fast as the link carried the last round.
+const THROTTLE_AFTER_ROUNDS: u32 = 2;
+const THROTTLE_INITIAL: u32 = 20;
+const THROTTLE_STEP: u32 = 10;
+const THROTTLE_MAX: u32 = 99;
 /// How long to let queued data drain before deciding a round, at most.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
@@ -321,6 +329,7 @@ impl Source {
 
         let mut pending = Pending::default();
         let mut collected = Instant::now();
+        let mut throttle = 0;
         loop {
             // Let most of what is queued leave first: it is part of the downtime otherwise.
             let waiting = Instant::now();
@@ -363,6 +372,20 @@ impl Source {
                     estimate,
                     budget,
                 });
+            }
+            if self.request.converge == Converge::Throttle
+                && rounds >= THROTTLE_AFTER_ROUNDS
+                && dirty_rate > bw / 2.0
+                && throttle < THROTTLE_MAX
+            {
+                throttle = if throttle == 0 {
+                    THROTTLE_INITIAL
+                } else {
+                    (throttle + THROTTLE_STEP).min(THROTTLE_MAX)
+                };
+                tracing::info!("auto-converge: vCPUs throttled to {throttle}% off");
+                self.ask(|answer| ToVmm::Throttle(throttle, answer))?;
+                self.progress(|p| p.throttle_percent = throttle);
             }
             let taken = std::mem::take(&mut pending);
             round(&mut per_round, sender, out, &|s, o| {
@@ -408,6 +431,7 @@ impl Source {
             blocks: per_round.iter().map(|r| r.blocks).sum(),
             bandwidth,
             per_round,
+            throttle_percent: throttle,
         })
     }
 
