@@ -8,7 +8,7 @@
 //!
 //! Each test runs a sequence of shell steps on A and B (`Test::on`); background
 //! processes (hospes, watchers, the TCP client) outlive a step, with their output in
-//! `NAME.log`, pid in `NAME.pid` and exit status in `NAME.rc` (see `bg` in `COMMON`).
+//! `NAME.log` (stdout), `NAME.err` (stderr), pid in `NAME.pid` and exit status in `NAME.rc` (see
 //! A failing step or assertion prints every step's output and both hosts' logs.
 
 use std::fmt;
@@ -89,8 +89,9 @@ fn hosts() -> MutexGuard<'static, Option<Result<Hosts, String>>> {
 const COMMON: &str = r#"
 export HOSPES_LOG=info HOSPES_GUEST_DIR=/guest
 # bg NAME PROG ARGS...: runs PROG in its own session in the background (it outlives the
-# step); output in NAME.log, pid in NAME.pid (PROG's own), exit status in NAME.rc.
-bg() { n=$1; shift; rm -f $n.rc $n.pid; ( setsid "$@" </dev/null >$n.log 2>&1 & echo $! >$n.pid; wait $!; echo $? >$n.rc ) & wait_file $n.pid 10; }
+# step); stdout in NAME.log (for hospes: the guest's console), stderr in NAME.err (its
+# log), pid in NAME.pid (PROG's own), exit status in NAME.rc.
+bg() { n=$1; shift; rm -f $n.rc $n.pid; ( setsid "$@" </dev/null >$n.log 2>$n.err & echo $! >$n.pid; wait $!; echo $? >$n.rc ) & wait_file $n.pid 10; }
 # bgf NAME 'SHELL CODE': bg for shell code that may use these helpers.
 bgf() { n=$1; shift; bg $n sh -c ". /tmp/hc.sh; $*"; }
 # wait_file FILE SECS
@@ -103,8 +104,10 @@ wait_more() { wait_grep $1 "$2" $(( $(count $1 "$2") + $3 )) $4; }
 alive() { [ -s $1.pid ] && [ ! -e $1.rc ] && kill -0 $(cat $1.pid) 2>/dev/null; }
 # tap_up NAME: once hospes made the TAP, give the host end its address and a MAC that
 # is the same on both hosts, so the guest's ARP entry for its gateway stays right.
-tap_up() { wait_file /sys/class/net/$1/address 120 || return 1; ip link set $1 address 02:00:00:00:09:01; ip addr add 172.16.9.1/24 dev $1; ip link set $1 up; echo "tap $1 up"; }
-status() { hospes ctl $1 status | grep -q '"running"' && echo running || echo not-running; }
+tap_up() { wait_file /sys/class/net/$1/address 900 || return 1; ip link set $1 address 02:00:00:00:09:01; ip addr add 172.16.9.1/24 dev $1; ip link set $1 up; echo "tap $1 up"; }
+status() { hospes ctl $1 status >status.txt 2>&1; grep -q '"running"' status.txt && echo running || { echo not-running; cat status.txt >&2; }; }
+# netdiag TAP: what the host knows about the guest's network.
+netdiag() { ip addr show $1; ip route; ip neigh; for d in rx tx; do for k in packets dropped errors; do echo "$1 ${d}_$k=$(cat /sys/class/net/$1/statistics/${d}_$k)"; done; done; }
 "#;
 
 /// What the hosts are reset to before and after each test: every process a test
@@ -137,6 +140,8 @@ memcheck() { e=0; p=0; while true; do f=0; k=0; while [ $f -lt 64 ]; do if read 
 # Writes 64 KiB slots 0..31 at 2 MiB on the drive in turn (w=I k=SLOT after each write),
 # keeping each slot's md5 in memory, and reads back the slot written 16 writes earlier.
 disk() { i=0; e=0; c=0; while true; do k=$((i % 32)); dd if=/dev/urandom of=/dev/shm/blk bs=64k count=1 2>/dev/null; md5sum < /dev/shm/blk > /dev/shm/b$k; dd if=/dev/shm/blk of=/dev/vda bs=64k seek=$((32 + k)) conv=notrunc oflag=direct 2>/dev/null; echo w=$i k=$k; if [ $i -ge 16 ]; then j=$(( (i - 16) % 32 )); s=$(dd if=/dev/vda bs=64k skip=$((32 + j)) count=1 iflag=direct 2>/dev/null | md5sum); c=$((c+1)); [ "$s" = "$(cat /dev/shm/b$j)" ] || { e=$((e+1)); echo diskbad k=$j; }; fi; [ $k = 31 ] && echo diskcheck errors=$e checks=$c; i=$((i+1)); usleep 200000; done; }
+# Diagnostics: the guest's NIC counters every 5 s.
+netmon() { d=/sys/class/net/eth0/statistics; while true; do echo "net rx=$(cat $d/rx_packets) tx=$(cat $d/tx_packets) gw=$(ip neigh show 172.16.9.1)"; sleep 5; done; }
 # One answer per TCP connection on port 7000: "srv n=N got=LINE".
 server() { echo 0 > /n; cat > /srv.sh <<'SRV'
 #!/bin/sh
@@ -247,7 +252,7 @@ impl<'a> Test<'a> {
         let name = self.name;
         let dump = format!(
             "cd /data/{name} 2>/dev/null || exit 0; ls -la . dst 2>/dev/null; \
-             for f in *.log *.txt *.json *.rc; do [ -e $f ] || continue; echo \"=== $f\"; tail -n 150 $f; done"
+             for f in *.log *.err *.txt *.json *.rc; do [ -e $f ] || continue; echo \"=== $f\"; tail -n 150 $f; done"
         );
         let (_, a) = self.raw(Host::A, &dump);
         let (_, b) = self.raw(Host::B, &dump);
@@ -289,7 +294,7 @@ impl<'a> Test<'a> {
             &format!(
                 "sysctl -q -w net.ipv4.ip_forward=1; mkdir -p dst\n\
                  bg dst hospes receive --listen {LISTEN} --identity dst.key --trust {trust} --dir dst --api-sock /tmp/dst.sock\n\
-                 wait_grep dst.log 'waiting for a VM' 1 60 || exit 1\n\
+                 wait_grep dst.err 'waiting for a VM' 1 60 || exit 1\n\
                  bgf tap 'tap_up hos-g'"
             ),
         );
@@ -384,11 +389,11 @@ impl Test<'_> {
     fn runs_on(&mut self, dst_empty: bool, says: &str) {
         let out = self.on(
             Host::A,
-            "wait_file mig.rc 180 || exit 1; echo migrate_rc=$(cat mig.rc); sed 's/^/says: /' mig.log\n\
+            "wait_file mig.rc 180 || exit 1; echo migrate_rc=$(cat mig.rc); sed 's/^/says: /' mig.err\n\
              wait_more src.log '^c=' 20 120 && echo after=running\n\
              echo status=$(status /tmp/src.sock)\n\
              hospes ctl /tmp/src.sock shutdown >/dev/null; wait_file src.rc 60; echo src_rc=$(cat src.rc)\n\
-             echo @@SRC; cat src.log; echo @@END",
+             echo @@SRC; cat src.log; echo @@END; echo @@SRCERR; cat src.err; echo @@END",
         );
         self.check(
             value(&out, "migrate_rc=") == Some("1"),
@@ -439,7 +444,7 @@ fn an_idle_guest_moves_to_the_other_host_and_the_source_exits_0() {
     let mut t = Test::new(&mut guard, "idle");
     let (src_pub, dst_pub, _) = t.keys();
     t.receive(&src_pub);
-    t.on(Host::A, "spec guest 128 4 'counter &'; start_src");
+    t.on(Host::A, "spec guest 128 4 'counter & netmon &'; start_src");
     let out = t.on(
         Host::A,
         &format!(
@@ -447,15 +452,8 @@ fn an_idle_guest_moves_to_the_other_host_and_the_source_exits_0() {
              cat mig.err; echo @@JSON; cat mig.json; echo @@END\n\
              wait_file src.rc 60; echo src_rc=$(cat src.rc)\n\
              ip link show hos-g >/dev/null 2>&1 && echo tap_a=left || echo tap_a=gone\n\
-             echo @@SRC; cat src.log; echo @@END"
+             echo @@SRC; cat src.log; echo @@END; echo @@SRCERR; cat src.err; echo @@END"
         ),
-    );
-    let b = t.on(
-        Host::B,
-        "wait_more dst.log '^c=' 20 120 || exit 1; echo status=$(status /tmp/dst.sock)\n\
-         ping -c 3 -W 5 172.16.9.2 >/dev/null && echo ping=ok || echo ping=failed\n\
-         hospes ctl /tmp/dst.sock shutdown >/dev/null; wait_file dst.rc 60; echo dst_rc=$(cat dst.rc)\n\
-         echo @@DST; cat dst.log; echo @@END",
     );
     t.check(
         value(&out, "migrate_rc=") == Some("0"),
@@ -466,6 +464,13 @@ fn an_idle_guest_moves_to_the_other_host_and_the_source_exits_0() {
         "the source did not exit 0",
     );
     t.check(value(&out, "tap_a=") == Some("gone"), "A's TAP is left");
+    let b = t.on(
+        Host::B,
+        "wait_more dst.log '^c=' 20 120 || exit 1; echo status=$(status /tmp/dst.sock)\n\
+         ping -c 3 -W 5 172.16.9.2 >ping.txt 2>&1 && echo ping=ok || { echo ping=failed; cat ping.txt; netdiag hos-g; sleep 6; grep '^net ' dst.log | tail -n 2; }\n\
+         hospes ctl /tmp/dst.sock shutdown >/dev/null; wait_file dst.rc 60; echo dst_rc=$(cat dst.rc)\n\
+         echo @@DST; cat dst.log; echo @@END; echo @@DSTERR; cat dst.err; echo @@END",
+    );
     let json = between(&out, "JSON").unwrap_or("");
     let report: serde_json::Value = match serde_json::from_str(json.trim()) {
         Ok(v) => v,
@@ -535,7 +540,7 @@ fn a_guest_dirtying_64_mib_and_its_disk_moves_without_losing_a_byte() {
     // out of the comparison.
     let m = t.on(
         Host::A,
-        "wait_file mig.rc 600 || exit 1; echo migrate_rc=$(cat mig.rc); cat mig.log",
+        "wait_file mig.rc 600 || exit 1; echo migrate_rc=$(cat mig.rc); cat mig.log mig.err",
     );
     t.check(
         value(&m, "migrate_rc=") == Some("0"),
@@ -551,7 +556,7 @@ fn a_guest_dirtying_64_mib_and_its_disk_moves_without_losing_a_byte() {
         Host::A,
         "wait_file src.rc 60; echo src_rc=$(cat src.rc)\n\
          echo @@BLOCKS; for i in $(seq 0 255); do dd if=disk.img bs=64k skip=$i count=1 2>/dev/null | md5sum; done; echo @@END\n\
-         echo @@SRC; cat src.log; echo @@END",
+         echo @@SRC; cat src.log; echo @@END; echo @@SRCERR; cat src.err; echo @@END",
     );
     let b = t.on(
         Host::B,
@@ -559,7 +564,7 @@ fn a_guest_dirtying_64_mib_and_its_disk_moves_without_losing_a_byte() {
          wait_more dst.log '^memcheck ' 2 600 && wait_more dst.log '^diskcheck ' 1 300 || exit 1\n\
          echo status=$(status /tmp/dst.sock)\n\
          hospes ctl /tmp/dst.sock shutdown >/dev/null; wait_file dst.rc 60; echo dst_rc=$(cat dst.rc)\n\
-         echo @@DST; cat dst.log; echo @@END",
+         echo @@DST; cat dst.log; echo @@END; echo @@DSTERR; cat dst.err; echo @@END",
     );
     t.check(
         value(&a, "src_rc=") == Some("0"),
@@ -610,7 +615,7 @@ fn a_guest_dirtying_64_mib_and_its_disk_moves_without_losing_a_byte() {
     );
     let checked_all = dst
         .lines()
-        .any(|l| l.starts_with("memcheck ") && l.ends_with("checked=64"));
+        .any(|l| l.starts_with("memcheck ") && l.trim_end().ends_with("checked=64"));
     t.check(checked_all, "no memcheck pass on B checked all 64 files");
 
     // The drive: block by block, but for what B wrote before its pause.
@@ -656,7 +661,7 @@ fn a_tcp_client_on_the_source_host_finds_the_guest_server_on_the_destination() {
     t.on(
         Host::A,
         "ip route add 172.16.9.0/24 via 192.0.2.2 metric 100\n\
-         spec guest 128 4 'counter & server &'; start_src\n\
+         spec guest 128 4 'counter & netmon & server &'; start_src\n\
          cat > client.sh <<'EOF'\n\
          while true; do r=$(echo hi | timeout 5 nc -w 3 172.16.9.2 7000 2>/dev/null); t=$(cut -d' ' -f1 /proc/uptime); case \"$r\" in srv*) echo \"$t ok $r\" ;; *) echo \"$t fail\" ;; esac; sleep 1; done\n\
          EOF\n\
@@ -666,7 +671,8 @@ fn a_tcp_client_on_the_source_host_finds_the_guest_server_on_the_destination() {
     t.migrate_bg(&dst_pub, "");
     let a = t.on(
         Host::A,
-        "wait_file mig.rc 600 || exit 1; echo migrate_rc=$(cat mig.rc); cat mig.log\n\
+        "wait_file mig.rc 600 || exit 1; echo migrate_rc=$(cat mig.rc); cat mig.log mig.err\n\
+         [ \"$(cat mig.rc)\" = 0 ] || exit 1\n\
          wait_file src.rc 60; echo src_rc=$(cat src.rc); echo exited_at=$(cut -d' ' -f1 /proc/uptime)\n\
          ip link show hos-g >/dev/null 2>&1 && echo tap_a=left || echo tap_a=gone\n\
          ip route get 172.16.9.2\n\
