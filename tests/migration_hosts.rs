@@ -7,8 +7,9 @@
 //! untrusted source, corrupted frame) must leave the guest running on A.
 //!
 //! Each test runs a sequence of shell steps on A and B (`Test::on`); background
-//! processes (hospes, watchers, the TCP client) outlive a step, with their output in
-//! `NAME.log` (stdout), `NAME.err` (stderr), pid in `NAME.pid` and exit status in `NAME.rc` (see
+//! processes (hospes, watchers, the TCP client) outlive a step, with their stdout in
+//! `NAME.log`, stderr in `NAME.err`, pid in `NAME.pid` and exit status in `NAME.rc` (see
+//! `bg` in `COMMON`).
 //! A failing step or assertion prints every step's output and both hosts' logs.
 
 use std::fmt;
@@ -107,7 +108,7 @@ alive() { [ -s $1.pid ] && [ ! -e $1.rc ] && kill -0 $(cat $1.pid) 2>/dev/null; 
 tap_up() { wait_file /sys/class/net/$1/address 900 || return 1; ip link set $1 address 02:00:00:00:09:01; ip addr add 172.16.9.1/24 dev $1; ip link set $1 up; echo "tap $1 up"; }
 status() { hospes ctl $1 status >status.txt 2>&1; grep -q '"running"' status.txt && echo running || { echo not-running; cat status.txt >&2; }; }
 # netdiag TAP: what the host knows about the guest's network.
-netdiag() { ip addr show $1; ip route; ip neigh; for d in rx tx; do for k in packets dropped errors; do echo "$1 ${d}_$k=$(cat /sys/class/net/$1/statistics/${d}_$k)"; done; done; }
+netdiag() { ip addr show $1; ip route; ip neigh; grep Icmp: /proc/net/snmp; for d in rx tx; do for k in packets dropped errors; do echo "$1 ${d}_$k=$(cat /sys/class/net/$1/statistics/${d}_$k)"; done; done; }
 "#;
 
 /// What the hosts are reset to before and after each test: every process a test
@@ -136,7 +137,7 @@ counter() { i=0; while true; do printf d=%08d $i | dd of=/dev/vda bs=512 seek=20
 memwrite() { v=0; while true; do v=$((v+1)); f=0; while [ $f -lt 64 ]; do dd if=/dev/urandom of=/dev/shm/d$f.$v bs=1M count=1 2>/dev/null; s=$(md5sum < /dev/shm/d$f.$v); echo "$v ${s%% *}" > /dev/shm/s$f.t; mv /dev/shm/s$f.t /dev/shm/s$f; rm -f /dev/shm/d$f.$((v-1)); f=$((f+1)); done; echo memwrite pass=$v; done; }
 # Re-reads every file's newest version and compares its md5 with the one kept; a file
 # the writer replaced meanwhile is skipped (its newer version is checked next pass).
-memcheck() { e=0; p=0; while true; do f=0; k=0; while [ $f -lt 64 ]; do if read v h < /dev/shm/s$f 2>/dev/null; then s=$(md5sum < /dev/shm/d$f.$v 2>/dev/null) || s=; if [ -n "$s" ]; then k=$((k+1)); [ "${s%% *}" = "$h" ] || { e=$((e+1)); echo membad f=$f v=$v; }; fi; fi; f=$((f+1)); done; p=$((p+1)); echo memcheck errors=$e passes=$p checked=$k; done; }
+memcheck() { e=0; p=0; while true; do f=0; k=0; while [ $f -lt 64 ]; do if [ -e /dev/shm/s$f ] && read v h < /dev/shm/s$f; then s=$(md5sum < /dev/shm/d$f.$v 2>/dev/null) || s=; if [ -n "$s" ]; then k=$((k+1)); [ "${s%% *}" = "$h" ] || { e=$((e+1)); echo membad f=$f v=$v; }; fi; fi; f=$((f+1)); done; p=$((p+1)); echo memcheck errors=$e passes=$p checked=$k; done; }
 # Writes 64 KiB slots 0..31 at 2 MiB on the drive in turn (w=I k=SLOT after each write),
 # keeping each slot's md5 in memory, and reads back the slot written 16 writes earlier.
 disk() { i=0; e=0; c=0; while true; do k=$((i % 32)); dd if=/dev/urandom of=/dev/shm/blk bs=64k count=1 2>/dev/null; md5sum < /dev/shm/blk > /dev/shm/b$k; dd if=/dev/shm/blk of=/dev/vda bs=64k seek=$((32 + k)) conv=notrunc oflag=direct 2>/dev/null; echo w=$i k=$k; if [ $i -ge 16 ]; then j=$(( (i - 16) % 32 )); s=$(dd if=/dev/vda bs=64k skip=$((32 + j)) count=1 iflag=direct 2>/dev/null | md5sum); c=$((c+1)); [ "$s" = "$(cat /dev/shm/b$j)" ] || { e=$((e+1)); echo diskbad k=$j; }; fi; [ $k = 31 ] && echo diskcheck errors=$e checks=$c; i=$((i+1)); usleep 200000; done; }
@@ -467,7 +468,7 @@ fn an_idle_guest_moves_to_the_other_host_and_the_source_exits_0() {
     let b = t.on(
         Host::B,
         "wait_more dst.log '^c=' 20 120 || exit 1; echo status=$(status /tmp/dst.sock)\n\
-         ping -c 3 -W 5 172.16.9.2 >ping.txt 2>&1 && echo ping=ok || { echo ping=failed; cat ping.txt; netdiag hos-g; sleep 6; grep '^net ' dst.log | tail -n 2; }\n\
+         ping -c 3 -W 5 172.16.9.2 >ping.txt 2>&1 && echo ping=ok || { echo ping=failed; cat ping.txt; netdiag hos-g; sleep 6; grep '^net ' dst.log | tail -n 2; ping -c 3 -W 5 172.16.9.2 >/dev/null && echo ping2=ok || echo ping2=failed; netdiag hos-g; }\n\
          hospes ctl /tmp/dst.sock shutdown >/dev/null; wait_file dst.rc 60; echo dst_rc=$(cat dst.rc)\n\
          echo @@DST; cat dst.log; echo @@END; echo @@DSTERR; cat dst.err; echo @@END",
     );
