@@ -242,6 +242,11 @@ impl<'a> Test<'a> {
         let (status, out) = self.raw(host, &full);
         let first = script.trim().lines().next().unwrap_or("");
         self.log += &format!("\n----- {host:?} at {t:.1} s: {first} ...\n{out}");
+        for l in out.lines() {
+            if l.starts_with("says: ") || l.starts_with("migrated to ") {
+                eprintln!("{name}: {l}");
+            }
+        }
         if status != 0 {
             self.fail(&format!("step on {host:?} exited {status}"));
         }
