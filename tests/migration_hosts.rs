@@ -392,7 +392,7 @@ impl Test<'_> {
 
     /// A failed migration left the guest running on A: its counter goes on, status
     /// running, a shutdown exits 0; the receive dir on B is empty (`dst_empty`).
-    fn runs_on(&mut self, dst_empty: bool, says: &str) {
+    fn runs_on(&mut self, dst_empty: bool, says: &str) -> String {
         let out = self.on(
             Host::A,
             "wait_file mig.rc 180 || exit 1; echo migrate_rc=$(cat mig.rc); sed 's/^/says: /' mig.err\n\
@@ -429,7 +429,8 @@ impl Test<'_> {
         self.consistent("source", &c, 40);
         let b = self.on(
             Host::B,
-            "wait_file dst.rc 120; echo dst_rc=$(cat dst.rc); echo dst_files=$(ls -A dst | wc -l); ls -lA dst",
+            "wait_file dst.rc 120; echo dst_rc=$(cat dst.rc); echo dst_files=$(ls -A dst | wc -l); ls -lA dst\n\
+             echo @@DSTERR; cat dst.err; echo @@END",
         );
         self.check(
             value(&b, "dst_rc=") != Some("0"),
@@ -441,6 +442,7 @@ impl Test<'_> {
                 "files left in B's receive dir",
             );
         }
+        between(&b, "DSTERR").unwrap_or("").to_string()
     }
 }
 
@@ -820,5 +822,8 @@ fn a_corrupted_frame_is_detected_and_the_guest_stays_on_the_source() {
     let mut t = Test::new(&mut guard, "corrupt");
     let dst_pub = start_failing(&mut t, 0, "HOSPES_FAULT=corrupt-frame");
     t.migrate_bg(&dst_pub, "");
-    t.runs_on(true, "");
+    let dst_log = t.runs_on(true, "");
+    // The destination saw the corruption (a frame's CRC, or the stream's hash).
+    let detected = dst_log.contains("CRC") || dst_log.contains("hash mismatch");
+    t.check(detected, "B's log does not say it found a corrupted frame");
 }
