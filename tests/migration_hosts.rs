@@ -475,7 +475,8 @@ fn an_idle_guest_moves_to_the_other_host_and_the_source_exits_0() {
     let b = t.on(
         Host::B,
         "wait_more dst.log '^c=' 20 120 || exit 1; echo status=$(status /tmp/dst.sock)\n\
-         ping -c 3 -W 5 172.16.9.2 >ping.txt 2>&1 && echo ping=ok || { echo ping=failed; cat ping.txt; netdiag hos-g; sleep 6; grep '^net ' dst.log | tail -n 2; ping -c 3 -W 5 172.16.9.2 >/dev/null && echo ping2=ok || echo ping2=failed; netdiag hos-g; }\n\
+         n=0; until ping -c 1 -W 2 172.16.9.2 >ping.txt 2>&1; do n=$((n+1)); [ $n = 1 ] && netdiag hos-g; [ $n -ge 15 ] && break; done; echo ping_retries=$n\n\
+         [ $n -lt 15 ] && echo ping=ok || { echo ping=failed; cat ping.txt; netdiag hos-g; grep '^net ' dst.log | tail -n 2; }\n\
          hospes ctl /tmp/dst.sock shutdown >/dev/null; wait_file dst.rc 60; echo dst_rc=$(cat dst.rc)\n\
          echo @@DST; cat dst.log; echo @@END; echo @@DSTERR; cat dst.err; echo @@END",
     );
@@ -501,6 +502,12 @@ fn an_idle_guest_moves_to_the_other_host_and_the_source_exits_0() {
     t.check(
         value(&b, "status=") == Some("running"),
         "status on B is not running",
+    );
+    // The first pings after the hand-over are sometimes lost (as in tests/migration.rs):
+    // retried for up to 30 s, the retries reported.
+    eprintln!(
+        "idle: ping from B needed {} retries",
+        value(&b, "ping_retries=").unwrap_or("?")
     );
     t.check(value(&b, "ping=") == Some("ok"), "B cannot ping the guest");
     t.check(
