@@ -258,7 +258,8 @@ SPEC\n\
          mkdir -p dst\n\
          HOSPES_LOG=info hospes receive --listen 127.0.0.1:4433 --identity dst.key --trust $(cat src.pub) --dir dst --api-sock /tmp/migthr-dst.sock >out1 2>&1 & dpid=$!\n\
          n=0; while ! grep -q 'waiting for a VM' out1; do n=$((n+1)); [ $n -gt 100 ] && { echo receive did not start; cat out1; exit 1; }; sleep 0.1; done\n\
-         hospes migrate /tmp/migthr-src.sock --to 127.0.0.1:4433 --peer $(cat dst.pub) --identity src.key --downtime-ms 300 --json >mig.json 2>mig.txt; echo migrate_rc=$?; cat mig.txt; echo; echo json=$(cat mig.json)\n\
+         hospes migrate /tmp/migthr-src.sock --to 127.0.0.1:4433 --peer $(cat dst.pub) --identity src.key --downtime-ms 300 --json >mig.json 2>mig.txt; rc=$?; echo migrate_rc=$rc; cat mig.txt; echo; echo json=$(cat mig.json)\n\
+         [ $rc = 0 ] || { kill $spid $dpid; echo ===OUT0; cat out0; echo ===OUT1; cat out1; exit 0; }\n\
          wait $spid; echo rc0=$?\n\
          pid=$dpid; now=$(lines out1); wait_lines out1 $((now + 2)); echo after=running\n\
          hospes ctl /tmp/migthr-dst.sock shutdown; wait $dpid; echo rc1=$?\n\
