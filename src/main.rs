@@ -57,8 +57,9 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         api_sock: Option<PathBuf>,
     },
-    /// Move a running VM to another hospes (`hospes receive`) while it runs; prints one
-    /// summary line. On any failure the VM runs on here.
+    /// Move a running VM to another hospes (`hospes receive`) while it runs. Shows its
+    /// progress on a terminal and prints one summary line. On any failure before the
+    /// hand-over the VM runs on here.
     Migrate {
         /// The VM's API socket.
         socket: PathBuf,
@@ -74,6 +75,14 @@ enum Command {
         /// The longest the guest may be paused.
         #[arg(long, value_name = "MS", default_value_t = vmm::api::DEFAULT_DOWNTIME_MS)]
         downtime_ms: u64,
+        /// When pre-copy does not converge: slow the vCPUs down step by step ("throttle",
+        /// auto-converge) or give up after the round limit and run on here ("abort").
+        #[arg(long, value_name = "HOW", default_value = "throttle", value_parser = ["throttle", "abort"])]
+        converge: String,
+        /// Print the migration's record as JSON on stdout (the summary line goes to stderr):
+        /// total and downtime in ms, bytes on the wire, rounds, pages and blocks per round.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate a service spec without starting anything.
     Check {
@@ -181,8 +190,15 @@ fn main() -> ExitCode {
             peer,
             identity,
             downtime_ms,
+            converge,
+            json,
         } => {
-            return match migrate(&socket, &to, &peer, &identity, downtime_ms) {
+            let how = MigrateHow {
+                downtime_ms,
+                converge,
+                json,
+            };
+            return match migrate(&socket, &to, &peer, &identity, &how) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("hospes: {e}");
@@ -317,13 +333,21 @@ fn ctl(socket: &Path, action: CtlCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `hospes migrate`: one `PUT /migrate`, waiting for its end; one line either way.
+/// `hospes migrate`'s options beyond where to.
+struct MigrateHow {
+    downtime_ms: u64,
+    converge: String,
+    json: bool,
+}
+
+/// `hospes migrate`: one `PUT /migrate`, answered when the migration ends, while
+/// `GET /vm` is polled for the progress line; one summary line either way.
 fn migrate(
     socket: &Path,
     to: &str,
     peer: &str,
     identity: &Path,
-    downtime_ms: u64,
+    how: &MigrateHow,
 ) -> anyhow::Result<()> {
     let identity = std::path::absolute(identity)
         .map_err(|e| anyhow::anyhow!("cannot resolve {}: {e}", identity.display()))?;
@@ -331,9 +355,30 @@ fn migrate(
         "to": to,
         "peer": peer,
         "identity": identity,
-        "downtime_ms": downtime_ms,
+        "downtime_ms": how.downtime_ms,
+        "converge": how.converge,
     });
-    let response = vmm::api::request(socket, "PUT", "/migrate", Some(&body))?;
+    let owned = socket.to_path_buf();
+    let request =
+        std::thread::spawn(move || vmm::api::request(&owned, "PUT", "/migrate", Some(&body)));
+    // Drawn on stderr when it is a terminal, hidden otherwise.
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{spinner} {elapsed:>4} {msg}",
+    )?);
+    while !request.is_finished() {
+        if let Ok(status) = vmm::api::request(socket, "GET", "/vm", None) {
+            if let Some(p) = status.body.pointer("/migration/progress") {
+                bar.set_message(progress_line(p));
+            }
+        }
+        bar.tick();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    bar.finish_and_clear();
+    let response = request
+        .join()
+        .map_err(|_| anyhow::anyhow!("the API request thread panicked"))??;
     if !response.is_success() {
         let message = match response.error_message() {
             Some(m) => m.to_owned(),
@@ -343,7 +388,7 @@ fn migrate(
     }
     let b = &response.body;
     let f = |k: &str| b.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
-    println!(
+    let line = format!(
         "migrated to {to}: total_ms={:.1} downtime_ms={:.1} rounds={} bytes={} pages={} blocks={} bandwidth_MBps={:.1}",
         f("total_ms"),
         f("downtime_ms"),
@@ -353,7 +398,28 @@ fn migrate(
         f("blocks"),
         f("bandwidth_bytes_per_s") / 1e6
     );
+    if how.json {
+        eprintln!("{line}");
+        println!("{}", serde_json::to_string(b)?);
+    } else {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// One line of a running migration's progress (`GET /vm`'s `migration.progress`).
+fn progress_line(p: &serde_json::Value) -> String {
+    let f = |k: &str| p.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    let phase = p.get("phase").and_then(|v| v.as_str()).unwrap_or("?");
+    format!(
+        "{phase} round {}: {:.1} MB sent at {:.1} MB/s, guest dirtying {:.1} MB/s, {:.1} MB to go, downtime now ~{:.0} ms",
+        f("round"),
+        f("bytes") / 1e6,
+        f("bandwidth_bytes_per_s") / 1e6,
+        f("dirty_bytes_per_s") / 1e6,
+        f("remaining_bytes") / 1e6,
+        f("expected_downtime_ms")
+    )
 }
 
 /// `hospes receive`: waits for one VM and runs it.

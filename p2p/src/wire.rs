@@ -16,23 +16,29 @@
 //!                                                     │  State, at a round boundary after round 0:
 //!                                                     ▼  decoded and checked against the Hello
 //!                                                 AwaitDone ──Done, hash matches──► Complete
-//!                                                                                      │ resumed()
+//!                                                                                      │ the VM is built,
+//!                                                                                      │ paused; ready()
 //!                                                                                      ▼
-//!                                                                               (Resumed sent)
-//!   Before Complete, any error, an Abort from the source, or abort(): ──► Failed. The
-//!   caller discards the memory and disks it built. (After Complete the hash has matched:
-//!   a later frame is refused but undoes nothing; abort() still tells the source to resume
-//!   when this side cannot.)
+//!                                                      Committed ◄──Commit── AwaitCommit
+//!                                                      (start the VM)
+//!   Before Committed, any error, an Abort from the source, or abort(): ──► Failed. The
+//!   caller discards the memory and disks it built, and never starts the VM. (After
+//!   Committed a later frame is refused but undoes nothing.)
 //!
 //! Sender (source)
 //!
 //!   Start ──hello()──► AwaitAck ──read_ack(): HelloAck──► Precopy(0)
 //!   Precopy(r) ──page() / zero_page() / block() / zero_block()──► Precopy(r)
 //!   Precopy(r) ──end_round()──► Precopy(r+1)
-//!   Precopy(r), r ≥ 1, at a round boundary ──state()──► StateSent ──done()──► AwaitResumed
-//!   AwaitResumed ──read_resumed(): Resumed──► Complete: only now may the source stop its VM.
-//!   Any error, a Refuse or an Abort from the destination, or abort(): ──► Failed, and the
-//!   source resumes its VM as if nothing happened.
+//!   Precopy(r), r ≥ 1, at a round boundary ──state()──► StateSent ──done()──► AwaitReady
+//!   AwaitReady ──read_ready(): Ready──► Ready ──commit()──► Complete
+//!   Before commit(): any error, a Refuse or an Abort from the destination, or abort():
+//!   ──► Failed, and the source resumes its VM as if nothing happened. commit() is the
+//!   one point of no return: the source stops its VM for good before it sends Commit,
+//!   and the destination starts the VM only when Commit arrives. The guest runs on
+//!   exactly one side, except if the connection dies while Commit is in flight: the
+//!   source cannot know whether it arrived, and keeps its VM paused (it must not run
+//!   twice) for the operator to resume or discard.
 //! ```
 //!
 //! Round 0 carries every non-zero page and disk block (the destination starts with zeroed
@@ -69,8 +75,9 @@
 //! | 8    | RoundEnd   | src  | round u32, page entries u64, block entries u64 (of that round)    |
 //! | 9    | State      | src  | the final `VmState` as `snapshot::encode` writes it               |
 //! | 10   | Done       | src  | the hash below, 16 bytes                                          |
-//! | 11   | Resumed    | dst  | empty                                                             |
+//! | 11   | Ready      | dst  | empty: the VM is built, its vCPUs wait for Commit                 |
 //! | 12   | Abort      | both | reason, UTF-8, at most [`MAX_REASON`] bytes                       |
+//! | 13   | Commit     | src  | empty: the source has stopped; start the VM                       |
 //!
 //! The Hello's layout is frozen: a later version still sends it as version 1, so that any
 //! peer can read the range offered; every later frame carries the version chosen.

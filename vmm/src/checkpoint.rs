@@ -281,7 +281,7 @@ pub fn restore(dir: &Path, options: &RunOptions) -> Result<Outcome, VmmError> {
     });
     let built = build_from_state(state, mem, &dir, spec_json)?;
     tracing::info!("restored {} from {}", built.name, dir.display());
-    vm::run_built(built, api, None)
+    vm::run_built(built, api)
 }
 
 /// Steps 2-6 of a restore: a VM built around `mem` (already holding guest RAM) and the

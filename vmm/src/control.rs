@@ -24,6 +24,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::json;
@@ -62,6 +63,8 @@ struct Migration {
     /// Whether the vCPUs are paused for stop-and-copy.
     paused: bool,
     to: std::net::SocketAddr,
+    /// What the migration thread reports as it goes.
+    progress: Arc<Mutex<migration::Progress>>,
 }
 
 /// The control side of one VM.
@@ -121,10 +124,11 @@ impl Control {
             };
             let to = request.to;
             match migration::source::start(vm, request, wake) {
-                Ok(requests) => {
+                Ok((requests, progress)) => {
                     tracing::info!("migration to {to} started");
                     self.migration = Some(Migration {
                         requests,
+                        progress,
                         reply,
                         dirty: None,
                         paused: false,
@@ -161,6 +165,9 @@ impl Control {
                 ToVmm::Collect(answer) => {
                     let _ = answer.send(collect(migration, vm));
                 }
+                ToVmm::Throttle(percent, answer) => {
+                    let _ = answer.send(throttle_all(vm, percent));
+                }
                 ToVmm::Pause(answer) => {
                     let paused = pause_all(vm).map(|()| migration.paused = true);
                     let result = paused
@@ -196,6 +203,12 @@ impl Control {
         result: Result<Report, MigrationError>,
     ) -> Option<Outcome> {
         let migration = self.migration.take()?;
+        if result.is_err() {
+            // Full speed again, whether the guest resumes or stays paused.
+            if let Err(e) = throttle_all(vm, 0) {
+                tracing::warn!("ending the auto-converge throttle: {e}");
+            }
+        }
         match result {
             Ok(report) => {
                 tracing::info!(
@@ -213,10 +226,27 @@ impl Control {
                     "pages": report.pages,
                     "blocks": report.blocks,
                     "bandwidth_bytes_per_s": report.bandwidth,
+                    "per_round": report.per_round,
+                    "throttle_percent": report.throttle_percent,
                 })));
                 Some(Outcome::Migrated {
                     to: migration.to.to_string(),
                 })
+            }
+            Err(e @ MigrationError::InDoubt(_)) => {
+                // The destination may run the guest: it must not run here too.
+                if let Some(log) = migration.dirty {
+                    if let Err(e) = log.stop(&vm.fd) {
+                        tracing::warn!("switching dirty logging off: {e}");
+                    }
+                }
+                self.state = RunState::Paused;
+                tracing::error!("migration to {}: {e}", migration.to);
+                let _ = migration.reply.send(ApiResponse::error(
+                    500,
+                    format!("migration to {}: {e}", migration.to),
+                ));
+                None
             }
             Err(e) => {
                 if let Some(log) = migration.dirty {
@@ -251,15 +281,19 @@ impl Control {
         request: ApiRequest,
     ) -> (ApiResponse, Option<Outcome>) {
         match request {
-            ApiRequest::Status => (
-                ApiResponse::ok(json!({
+            ApiRequest::Status => {
+                let mut body = json!({
                     "service": vm.name,
                     "state": if self.migration.is_some() { "migrating" } else { self.state.name() },
                     "spec": vm.spec_json,
                     "uptime_ms": self.started.elapsed().as_millis() as u64,
-                })),
-                None,
-            ),
+                });
+                if let Some(m) = &self.migration {
+                    let progress = m.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    body["migration"] = json!({ "to": m.to.to_string(), "progress": progress });
+                }
+                (ApiResponse::ok(body), None)
+            }
             ApiRequest::Pause => {
                 if self.state == RunState::Paused {
                     return (ApiResponse::error(409, "the VM is already paused"), None);
@@ -380,4 +414,12 @@ fn collect(migration: &Migration, vm: &Vm) -> Result<Vec<crate::dirty::DirtyRegi
         .ok_or_else(|| "dirty logging is not on".to_string())?
         .collect(&vm.fd, &vm.mem)
         .map_err(|e| e.to_string())
+}
+
+/// Sets every vCPU's auto-converge throttle (0: off).
+fn throttle_all(vm: &Vm, percent: u32) -> Result<(), String> {
+    for vcpu in &vm.vcpus {
+        vcpu.throttle(percent).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }

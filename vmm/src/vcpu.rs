@@ -88,6 +88,8 @@ pub enum VcpuError {
 enum Command {
     Pause,
     Resume,
+    /// Spend this percentage of each [`THROTTLE_PERIOD`] outside the guest (0: none).
+    Throttle(u32),
     Save(Sender<Result<VcpuState, VcpuError>>),
 }
 
@@ -124,6 +126,10 @@ pub struct VcpuHandle {
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often an unacknowledged pause is kicked again.
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
+
+/// The period of auto-converge throttling: a throttled vCPU is kicked out of the guest
+/// this often by a timer of its own and sleeps its share of the period.
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> libc::c_int {
@@ -193,6 +199,17 @@ impl VcpuHandle {
         }
     }
 
+    /// Slows the vCPU down for auto-converge: `percent` (at most 99) of each
+    /// [`THROTTLE_PERIOD`] is spent sleeping outside the guest; 0 ends throttling.
+    pub fn throttle(&self, percent: u32) -> Result<(), VcpuError> {
+        let index = self.index;
+        self.commands
+            .send(Command::Throttle(percent.min(99)))
+            .map_err(|_| VcpuError::Gone { index })?;
+        // Seen at the next exit; a paused vCPU sees it when resumed.
+        self.thread.kill(kick_signal()).map_err(VcpuError::Signal)
+    }
+
     /// The state of a paused vCPU.
     pub fn save(&self) -> Result<VcpuState, VcpuError> {
         let index = self.index;
@@ -232,6 +249,8 @@ pub fn spawn(
                 links,
                 commands: command_rx,
                 acks: ack_tx,
+                throttle: 0,
+                timer: None,
             };
             vcpu.serve_commands();
             let event = vcpu.run();
@@ -269,9 +288,92 @@ struct Thread {
     links: VcpuLinks,
     commands: Receiver<Command>,
     acks: Sender<Ack>,
+    /// Auto-converge: percent of each period spent outside the guest.
+    throttle: u32,
+    /// The timer that kicks this thread every [`THROTTLE_PERIOD`] while throttled.
+    timer: Option<KickTimer>,
+}
+
+/// A POSIX timer sending the kick signal to one thread (SIGEV_THREAD_ID) periodically.
+struct KickTimer(libc::timer_t);
+
+impl KickTimer {
+    /// A disarmed timer that will signal the calling thread.
+    fn for_this_thread() -> std::io::Result<Self> {
+        // SAFETY: all-zero is a valid `sigevent`; the fields that matter are set below.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_THREAD_ID;
+        event.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        event.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `event` and `timer` are valid for the call; the kernel fills `timer`.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self(timer))
+    }
+
+    /// Fires every `period` from now on; a zero period disarms it.
+    fn set(&self, period: Duration) -> std::io::Result<()> {
+        let ts = libc::timespec {
+            tv_sec: period.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(period.subsec_nanos() as i32),
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        };
+        // SAFETY: the timer is ours and alive; `spec` is valid for the call and the old
+        // value is not asked for.
+        if unsafe { libc::timer_settime(self.0, 0, &spec, std::ptr::null_mut()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KickTimer {
+    fn drop(&mut self) {
+        // SAFETY: the timer is ours and deleted once.
+        unsafe { libc::timer_delete(self.0) };
+    }
 }
 
 impl Thread {
+    /// Applies a throttle command: arms this thread's kick timer, or disarms it.
+    fn set_throttle(&mut self, percent: u32) {
+        self.throttle = percent;
+        if percent > 0 && self.timer.is_none() {
+            match KickTimer::for_this_thread() {
+                Ok(timer) => self.timer = Some(timer),
+                Err(e) => {
+                    tracing::warn!("vCPU {}: cannot throttle, no timer: {e}", self.index);
+                    self.throttle = 0;
+                    return;
+                }
+            }
+        }
+        if let Some(timer) = &self.timer {
+            let period = if self.throttle > 0 {
+                THROTTLE_PERIOD
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = timer.set(period) {
+                tracing::warn!("vCPU {}: throttle timer: {e}", self.index);
+            }
+        }
+    }
+
+    /// While throttled, after a kick: sleep this vCPU's share of the period.
+    fn throttle_sleep(&mut self) {
+        if self.throttle > 0 {
+            std::thread::sleep(THROTTLE_PERIOD * self.throttle / 100);
+            self.serve_commands();
+        }
+    }
+
     /// Handles queued commands; returns once none is queued and the vCPU may run.
     fn serve_commands(&mut self) {
         while let Ok(command) = self.commands.try_recv() {
@@ -280,6 +382,7 @@ impl Thread {
                 Command::Resume => {
                     let _ = self.acks.send(Ack::Resumed);
                 }
+                Command::Throttle(percent) => self.set_throttle(percent),
                 Command::Save(reply) => {
                     let _ = reply.send(Err(VcpuError::NotPaused {
                         index: self.index,
@@ -308,6 +411,7 @@ impl Thread {
                     let _ = self.acks.send(Ack::Resumed);
                     return;
                 }
+                Ok(Command::Throttle(percent)) => self.set_throttle(percent),
                 Ok(Command::Save(reply)) => {
                     let saved = state::save_vcpu(&self.fd, self.index, &self.links.msr_index);
                     let _ = reply.send(saved.map_err(VcpuError::from));
@@ -330,6 +434,7 @@ impl Thread {
                 Ok(Command::Resume) => {
                     let _ = self.acks.send(Ack::Resumed);
                 }
+                Ok(Command::Throttle(_)) => {}
                 Ok(Command::Save(reply)) => {
                     let saved = state::save_vcpu(&self.fd, self.index, &self.links.msr_index);
                     let _ = reply.send(saved.map_err(VcpuError::from));
@@ -391,6 +496,7 @@ impl Thread {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // The only place a vCPU pauses (module documentation, step 2).
                     self.serve_commands();
+                    self.throttle_sleep();
                     continue;
                 }
                 Err(e) => format!("KVM_RUN: {e}"),

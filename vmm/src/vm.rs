@@ -590,7 +590,7 @@ pub fn run(spec: &Spec, files: &BootFiles, options: &RunOptions) -> Result<Outco
         disk_dirty,
         vcpu_fds: vcpus,
     };
-    run_built(built, api, None)
+    run_built(built, api)
 }
 
 /// A VM with every part in place and its vCPUs not yet started.
@@ -607,10 +607,6 @@ pub(crate) struct Built {
     pub(crate) disk_dirty: Vec<Arc<virtio::DiskDirty>>,
     pub(crate) vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
 }
-
-/// Runs once the vCPUs of a built VM run (a migration destination acknowledges then); an
-/// error stops the VM.
-pub(crate) type AfterStart = Box<dyn FnOnce() -> Result<(), VmmError>>;
 
 /// Wakes the event loop when another thread (the API's, a migration's) has queued
 /// requests; the loop drains them.
@@ -632,7 +628,6 @@ impl MutEventSubscriber for Wake {
 pub(crate) fn run_built(
     built: Built,
     api: Option<(ApiServer, ApiChannel)>,
-    after_start: Option<AfterStart>,
 ) -> Result<Outcome, VmmError> {
     let Built {
         name,
@@ -737,12 +732,6 @@ pub(crate) fn run_built(
         vcpus,
         _kvm: kvm,
     };
-    if let Some(after_start) = after_start {
-        if let Err(e) = after_start() {
-            std::mem::forget(vm);
-            return Err(e);
-        }
-    }
     let mut control = Control::new(control_wake);
     loop {
         if let Some(outcome) = lock(&supervisor).outcome.take() {

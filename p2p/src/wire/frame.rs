@@ -36,10 +36,12 @@ pub enum FrameType {
     State = 9,
     /// src: the hash of everything sent.
     Done = 10,
-    /// dst: the VM runs here now.
-    Resumed = 11,
+    /// dst: the VM is built here, its vCPUs not started; waiting for Commit.
+    Ready = 11,
     /// either: giving up, and why.
     Abort = 12,
+    /// src: the source has stopped its VM for good: run it.
+    Commit = 13,
 }
 
 impl FrameType {
@@ -57,8 +59,9 @@ impl FrameType {
             8 => RoundEnd,
             9 => State,
             10 => Done,
-            11 => Resumed,
+            11 => Ready,
             12 => Abort,
+            13 => Commit,
             _ => return None,
         })
     }
@@ -305,8 +308,10 @@ pub enum Frame<'a> {
         /// The hash of every frame before.
         hash: Hash,
     },
-    /// The destination runs the VM.
-    Resumed,
+    /// The destination has built the VM and waits for Commit.
+    Ready,
+    /// The source has stopped its VM for good.
+    Commit,
     /// Giving up.
     Abort {
         /// Why.
@@ -328,7 +333,8 @@ impl<'a> Frame<'a> {
             Frame::RoundEnd { .. } => FrameType::RoundEnd,
             Frame::State { .. } => FrameType::State,
             Frame::Done { .. } => FrameType::Done,
-            Frame::Resumed => FrameType::Resumed,
+            Frame::Ready => FrameType::Ready,
+            Frame::Commit => FrameType::Commit,
             Frame::Abort { .. } => FrameType::Abort,
         }
     }
@@ -416,7 +422,7 @@ impl<'a> Frame<'a> {
             }
             Frame::State { bytes } => p.extend_from_slice(bytes),
             Frame::Done { hash } => p.extend_from_slice(&hash.to_le_bytes()),
-            Frame::Resumed => {}
+            Frame::Ready | Frame::Commit => {}
         }
         if p.len() > kind.max_payload() {
             return Err(WireError::FrameTooLarge {
@@ -518,7 +524,8 @@ impl<'a> Frame<'a> {
             FrameType::Done => Frame::Done {
                 hash: u128::from_le_bytes(p.array("hash")?),
             },
-            FrameType::Resumed => Frame::Resumed,
+            FrameType::Ready => Frame::Ready,
+            FrameType::Commit => Frame::Commit,
         };
         p.finish()?;
         Ok(frame)

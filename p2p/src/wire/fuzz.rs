@@ -80,8 +80,8 @@ pub fn hello() -> Vec<u8> {
 }
 
 /// A whole valid migration of [`config`]'s VM as the source sends it, two rounds (with
-/// pages, blocks, a short last block, zeroed entries), the state and Done: the seed the
-/// fuzzer and the unit test mutate.
+/// pages, blocks, a short last block, zeroed entries), the state, Done and (after the
+/// destination's Ready) Commit: the seed the fuzzer and the unit test mutate.
 pub fn migration() -> Result<Vec<u8>, WireError> {
     let config = config();
     let mut tx = Sender::new(config.clone())?;
@@ -102,6 +102,8 @@ pub fn migration() -> Result<Vec<u8>, WireError> {
     tx.end_round(&mut w)?;
     tx.state(&mut w, &vm_state(&config))?;
     tx.done(&mut w)?;
+    tx.read_ready(&mut &Frame::Ready.encode()?[..])?;
+    tx.commit(&mut w)?;
     Ok(w)
 }
 
@@ -145,8 +147,8 @@ pub(crate) fn frame_records(mut records: &[u8], stream: &mut Vec<u8>) {
 }
 
 /// Runs a [`Receiver`] over `stream` as a destination would, accepting any Hello with a
-/// fresh [`MemorySink`], until Done (answered with Resumed), an Abort or an error. Returns
-/// what the sink holds and the VM state received.
+/// fresh [`MemorySink`], until Commit (Done answered with Ready), an Abort or an error.
+/// Returns what the sink holds and the VM state received.
 pub fn run(stream: &[u8]) -> Result<(MemorySink, Box<VmState>), WireError> {
     let mut input = stream;
     let mut receiver = Receiver::new();
@@ -159,9 +161,9 @@ pub fn run(stream: &[u8]) -> Result<(MemorySink, Box<VmState>), WireError> {
                 receiver.accept(&mut io::sink())?;
             }
             Event::State(received) => state = Some(received),
-            Event::Done => {
-                receiver.resumed(&mut io::sink())?;
-                let state = state.ok_or(WireError::Misuse("Done without a State"))?;
+            Event::Done => receiver.ready(&mut io::sink())?,
+            Event::Commit => {
+                let state = state.ok_or(WireError::Misuse("Commit without a State"))?;
                 return Ok((sink, state));
             }
             Event::Aborted(reason) => return Err(WireError::Aborted(reason)),

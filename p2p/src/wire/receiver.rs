@@ -64,8 +64,13 @@ pub enum ReceiverPhase {
     },
     /// State received; the Done frame is next.
     AwaitDone,
-    /// Everything received and the hash matches: resume the VM, then [`Receiver::resumed`].
+    /// Everything received and the hash matches: build the VM (vCPUs not started), then
+    /// [`Receiver::ready`].
     Complete,
+    /// Ready sent: start the VM on Commit, discard it on anything else.
+    AwaitCommit,
+    /// Commit received: the VM runs here; the source has stopped.
+    Committed,
     /// Discard everything received.
     Failed,
 }
@@ -100,8 +105,10 @@ pub enum Event {
     },
     /// The VM's state, checked by the snapshot format and against the Hello.
     State(Box<VmState>),
-    /// The hash matches: the caller resumes the VM and calls [`Receiver::resumed`].
+    /// The hash matches: the caller builds the VM and calls [`Receiver::ready`].
     Done,
+    /// The source has stopped its VM: the caller starts it here.
+    Commit,
     /// The source gave up: discard everything.
     Aborted(String),
 }
@@ -168,7 +175,7 @@ impl Receiver {
         // After Done the hash has matched and the VM may run here: what the source sends
         // then is refused, but does not undo that.
         let failed = matches!(result, Err(_) | Ok(Event::Aborted(_)));
-        if failed && self.phase != ReceiverPhase::Complete {
+        if failed && self.phase != ReceiverPhase::Committed {
             self.phase = ReceiverPhase::Failed;
         }
         result
@@ -199,12 +206,14 @@ impl Receiver {
         write_frame(out, &Frame::Refuse { reason })
     }
 
-    /// Tells the source the VM runs here now: it may stop its copy.
-    pub fn resumed(&mut self, out: &mut impl Write) -> Result<(), WireError> {
+    /// Tells the source the VM is built here and waits for its Commit.
+    pub fn ready(&mut self, out: &mut impl Write) -> Result<(), WireError> {
         if self.phase != ReceiverPhase::Complete {
-            return Err(WireError::Misuse("resumed() before Done"));
+            return Err(WireError::Misuse("ready() before Done"));
         }
-        write_frame(out, &Frame::Resumed)
+        self.fail_on_error(|_| write_frame(out, &Frame::Ready))?;
+        self.phase = ReceiverPhase::AwaitCommit;
+        Ok(())
     }
 
     /// Tells the source to resume its VM (this side failed, e.g. could not resume); the
@@ -242,7 +251,11 @@ impl Receiver {
             expected: this.expected(),
         };
         match (self.phase, frame) {
-            (ReceiverPhase::Complete, _) => Err(out_of_order(self)),
+            (ReceiverPhase::Complete | ReceiverPhase::Committed, _) => Err(out_of_order(self)),
+            (ReceiverPhase::AwaitCommit, Frame::Commit) => {
+                self.phase = ReceiverPhase::Committed;
+                Ok(Event::Commit)
+            }
             (_, Frame::Abort { reason }) => Ok(Event::Aborted(reason)),
             (ReceiverPhase::AwaitHello, Frame::Hello(hello)) => {
                 let (min, max) = (hello.min_version, hello.max_version);
@@ -440,7 +453,9 @@ impl Receiver {
                 format!("pages or blocks of round {round}, or its RoundEnd")
             }
             ReceiverPhase::AwaitDone => "Done".into(),
-            ReceiverPhase::Complete => "nothing after Done".into(),
+            ReceiverPhase::Complete => "nothing before Ready".into(),
+            ReceiverPhase::AwaitCommit => "Commit or Abort".into(),
+            ReceiverPhase::Committed => "nothing after Commit".into(),
             ReceiverPhase::AwaitAccept | ReceiverPhase::Failed => "nothing".into(),
         }
     }

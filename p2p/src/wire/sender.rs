@@ -26,9 +26,12 @@ pub enum SenderPhase {
     },
     /// State sent; Done is next.
     StateSent,
-    /// Done sent; waiting for the destination to resume the VM.
-    AwaitResumed,
-    /// The destination runs the VM: the source may stop its copy.
+    /// Done sent; waiting for the destination to build the VM.
+    AwaitReady,
+    /// The destination has built the VM: [`Sender::commit`] hands it over, or
+    /// [`Sender::abort`] keeps it here.
+    Ready,
+    /// Commit sent: the source has stopped its VM for good, the destination runs it.
     Complete,
     /// The source resumes its VM.
     Failed,
@@ -269,29 +272,38 @@ impl Sender {
         self.expect(SenderPhase::StateSent, "done() before state()")?;
         let hash = self.hash.value();
         self.guard(|_| write_frame(out, &Frame::Done { hash }))?;
-        self.phase = SenderPhase::AwaitResumed;
+        self.phase = SenderPhase::AwaitReady;
         Ok(())
     }
 
-    /// Reads the destination's acknowledgement. `Ok` only on Resumed: then, and only then,
-    /// the source may stop its VM.
-    pub fn read_resumed(&mut self, input: &mut impl Read) -> Result<(), WireError> {
-        self.expect(SenderPhase::AwaitResumed, "read_resumed() before done()")?;
+    /// Reads the destination's answer to Done. `Ok` only on Ready: the destination has
+    /// checked the hash and built the VM, and waits for [`Sender::commit`].
+    pub fn read_ready(&mut self, input: &mut impl Read) -> Result<(), WireError> {
+        self.expect(SenderPhase::AwaitReady, "read_ready() before done()")?;
         self.guard(|s| {
             let mut payload = Vec::new();
             let header = read_frame(input, &mut payload)?;
             match Frame::decode(header.kind, &payload)? {
-                Frame::Resumed => {
-                    s.phase = SenderPhase::Complete;
+                Frame::Ready => {
+                    s.phase = SenderPhase::Ready;
                     Ok(())
                 }
                 Frame::Abort { reason } => Err(WireError::Aborted(reason)),
                 _ => Err(WireError::OutOfOrder {
                     frame: header.kind,
-                    expected: "Resumed or Abort".into(),
+                    expected: "Ready or Abort".into(),
                 }),
             }
         })
+    }
+
+    /// Hands the VM over: the destination starts it when this arrives. The caller must
+    /// have stopped its VM for good before calling this.
+    pub fn commit(&mut self, out: &mut impl Write) -> Result<(), WireError> {
+        self.expect(SenderPhase::Ready, "commit() before read_ready()")?;
+        // Whatever happens to the write, the destination may run the VM from now on.
+        self.phase = SenderPhase::Complete;
+        write_frame(out, &Frame::Commit)
     }
 
     /// Tells the destination to discard everything; the source resumes its VM.

@@ -151,7 +151,7 @@ fn whole_migration() {
     let state = vm_state(&config);
     tx.state(&mut wire, &state).unwrap();
     tx.done(&mut wire).unwrap();
-    assert_eq!(tx.phase(), SenderPhase::AwaitResumed);
+    assert_eq!(tx.phase(), SenderPhase::AwaitReady);
 
     let mut sink = MemorySink::new(config.clone());
     let events = receive_all(&mut rx, &mut sink, &wire);
@@ -182,11 +182,20 @@ fn whole_migration() {
     assert_eq!(sink.pages, pages);
     assert_eq!(sink.blocks, blocks);
 
-    // Only the destination's Resumed completes the source.
+    // The destination's Ready, then the source's Commit hands the VM over.
     let mut back = Vec::new();
-    rx.resumed(&mut back).unwrap();
-    tx.read_resumed(&mut &back[..]).unwrap();
+    rx.ready(&mut back).unwrap();
+    assert_eq!(rx.phase(), ReceiverPhase::AwaitCommit);
+    tx.read_ready(&mut &back[..]).unwrap();
+    assert_eq!(tx.phase(), SenderPhase::Ready);
+    let mut commit = Vec::new();
+    tx.commit(&mut commit).unwrap();
     assert_eq!(tx.phase(), SenderPhase::Complete);
+    assert!(matches!(
+        rx.next(&mut &commit[..], &mut sink).unwrap(),
+        Event::Commit
+    ));
+    assert_eq!(rx.phase(), ReceiverPhase::Committed);
 }
 
 #[test]

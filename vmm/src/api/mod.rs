@@ -76,6 +76,19 @@ pub struct MigrateRequest {
     pub identity: PathBuf,
     /// The longest the guest may be paused, in milliseconds.
     pub downtime_ms: u64,
+    /// What to do when pre-copy does not converge.
+    pub converge: Converge,
+}
+
+/// What a migration does when the guest dirties memory faster than the link carries it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Converge {
+    /// Auto-converge: slow the vCPUs down step by step (see `migration::source`).
+    #[default]
+    Throttle,
+    /// Give up after the round limit; the guest runs on at full speed here.
+    Abort,
 }
 
 /// The downtime budget when the request names none.
@@ -616,10 +629,12 @@ struct MigrateBody {
     peer: String,
     identity: PathBuf,
     downtime_ms: Option<u64>,
+    #[serde(default)]
+    converge: Converge,
 }
 
 fn migrate_request(body: &[u8], cwd: &Path) -> Result<ApiRequest, RouteError> {
-    let usage = r#"PUT /migrate needs a JSON body: {"to": "host:port", "peer": "<64 hex digits>", "identity": "/path/key", "downtime_ms": 50}"#;
+    let usage = r#"PUT /migrate needs a JSON body: {"to": "host:port", "peer": "<64 hex digits>", "identity": "/path/key", "downtime_ms": 50, "converge": "throttle"|"abort"}"#;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(RouteError::new(400, usage));
     }
@@ -656,6 +671,7 @@ fn migrate_request(body: &[u8], cwd: &Path) -> Result<ApiRequest, RouteError> {
         peer,
         identity: cwd.join(body.identity),
         downtime_ms,
+        converge: body.converge,
     }))
 }
 

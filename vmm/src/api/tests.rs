@@ -94,6 +94,7 @@ fn routes_migrations() {
             peer: peer.parse().unwrap(),
             identity: "/srv/keys/src.key".into(),
             downtime_ms: DEFAULT_DOWNTIME_MS,
+            converge: Converge::Throttle,
         })
     );
     let body =

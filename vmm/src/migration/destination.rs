@@ -11,13 +11,17 @@
 //!    zeroed) and sparse drive images of the announced sizes are made, then HelloAck.
 //! 4. Pages and blocks are written as they arrive (the `Receiver` has checked each one).
 //! 5. On Done (the hash matched): the VM is built from the State frame (`checkpoint::
-//!    build_from_state`), its vCPUs start, and only then does Resumed go back. If the
-//!    build fails the source is told to resume (Abort).
-//! 6. Any failure before Done, or an Abort from the source: the drive images made here
-//!    are deleted, the memory dropped, and `receive` returns the error.
+//!    build_from_state`) without starting its vCPUs. If the build fails the source is told
+//!    to resume (Abort).
+//! 6. Ready goes back, and the source answers Commit once it has stopped for good.
+//! 7. Commit: the vCPUs start; the VM is this side's from now on.
+//!
+//! Any failure before Commit, or an Abort from the source: the VM built here (if any) is
+//! dropped without ever having run, the drive images made here are deleted, the memory
+//! dropped, and `receive` returns the error.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -35,8 +39,7 @@ use crate::layout::ram_ranges;
 use crate::vm::{self, Outcome};
 use crate::{memory, VmmError};
 
-/// How long the destination waits, after Resumed, for the source to close the connection
-/// (its sign that it read Resumed and stops).
+/// How long the destination keeps the connection after Commit for the source to close it.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// What `hospes receive` was told.
@@ -131,11 +134,7 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
         "receiving a VM from peer {peer} at {}",
         conn.remote_address()
     );
-    let mut out = StreamWriter {
-        rt: rt.handle().clone(),
-        stream: send,
-        bytes: 0,
-    };
+    let mut out = StreamWriter::new(rt.handle().clone(), send);
     let mut input = StreamReader {
         rt: rt.handle().clone(),
         stream: recv,
@@ -189,29 +188,38 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
             return Err(e);
         }
     };
-    let after_start: vm::AfterStart = Box::new(move || {
-        let acked = receiver.resumed(&mut out);
+
+    // 6. Ready; the VM starts only on Commit.
+    let committed = receiver
+        .ready(&mut out)
+        .map_err(MigrationError::from)
+        .and_then(|()| match receiver.next(&mut input, &mut target)? {
+            Event::Commit => Ok(()),
+            Event::Aborted(reason) => Err(p2p::wire::WireError::Aborted(reason).into()),
+            other => Err(MigrationError::Unacceptable(format!(
+                "expected Commit, got {other:?}"
+            ))),
+        });
+    if let Err(e) = committed {
+        drop(built);
+        target.discard();
+        conn.close(1u32.into(), b"migration failed");
+        tracing::warn!("no Commit from the source; nothing runs here: {e}");
+        return Err(e.into());
+    }
+    // 7. The source has stopped for good: the guest runs here from now on, whatever
+    // happens to the connection, which is wound down on the side.
+    tracing::info!("Commit received: starting the VM");
+    std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        let _ = input.read_to_end(&mut rest);
         let _ = out.stream.finish();
-        let closed = rt.block_on(async { tokio::time::timeout(CLOSE_WAIT, conn.closed()).await });
+        rt.block_on(async {
+            let _ = tokio::time::timeout(CLOSE_WAIT, conn.closed()).await;
+        });
         endpoint.close();
-        drop(rt);
-        match (acked, closed) {
-            (Ok(()), Ok(_)) => {
-                tracing::info!("VM received and running; the source has let go");
-                Ok(())
-            }
-            // The source read Resumed or will time out and resume: with the write lost
-            // it resumes, so this side must stop.
-            (Err(e), _) => Err(MigrationError::from(e).into()),
-            (Ok(()), Err(_)) => {
-                tracing::warn!(
-                    "the source did not close the connection within {CLOSE_WAIT:?} after Resumed"
-                );
-                Ok(())
-            }
-        }
     });
-    vm::run_built(built, api, Some(after_start))
+    vm::run_built(built, api)
 }
 
 /// Steps 3-4: the stream up to a Done whose hash matched; the State it carried.
@@ -252,6 +260,7 @@ fn receive_stream(
             Event::Aborted(reason) => {
                 return Err(MigrationError::Wire(p2p::wire::WireError::Aborted(reason)))
             }
+            Event::Commit => return Err(MigrationError::Unacceptable("Commit before Done".into())),
         }
     }
 }

@@ -30,12 +30,22 @@
 //!    blocks (block I/O completes on the VMM thread, so none is in flight), sends the
 //!    pending and last pages and blocks as the final round, the state, and Done with the
 //!    hash of every frame.
-//! 6. The destination checks the hash, builds the VM exactly as a restore does, starts
-//!    its vCPUs and answers Resumed. Only on Resumed does the source stop (exit with
-//!    [`crate::vm::Outcome::Migrated`]). Any failure before it (refused, connection lost,
-//!    destination killed, a bad or truncated stream, a timeout) ends the migration
-//!    thread with an error; the VMM thread then switches dirty logging off, resumes the
-//!    vCPUs if it paused them, answers the API with the reason and runs on.
+//! 6. The destination checks the hash, builds the VM exactly as a restore does, without
+//!    starting its vCPUs, and answers Ready.
+//! 7. On Ready the source commits: from here on it never resumes its copy. It sends
+//!    Commit, finishes the stream and waits until QUIC reports every byte of it
+//!    acknowledged by the destination, which starts the vCPUs when Commit arrives. Then
+//!    the source stops (exit with [`crate::vm::Outcome::Migrated`]).
+//!
+//! Any failure before Commit (refused, connection lost, destination killed, a bad or
+//! truncated stream, a timeout) ends the migration thread with an error; the VMM thread
+//! then switches dirty logging off, resumes the vCPUs if it paused them, answers the API
+//! with the reason and runs on; the destination has not started anything and discards
+//! what it received. So the guest runs on exactly one side. The one window no protocol
+//! closes is the connection dying while Commit is in flight: the source cannot know
+//! whether it arrived. It then keeps the guest paused ([`MigrationError::InDoubt`]) and
+//! says so, rather than risk running it twice; the operator resumes it only after making
+//! sure the destination does not run it.
 //!
 //! On the destination (`destination`), one thread does it all: guest memory and sparse
 //! drive images are made when the Hello arrives, filled as frames arrive, and thrown away
@@ -56,6 +66,8 @@ use crate::dirty::DirtyRegion;
 
 /// Rounds after round 0 before a migration that does not converge is given up.
 pub const MAX_ROUNDS: u32 = 30;
+/// How long the source waits for the destination to acknowledge Commit.
+pub const COMMIT_WAIT: Duration = Duration::from_secs(10);
 /// How long dialing the destination may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a single read or write on the migration stream may wait. The connection's
@@ -68,6 +80,8 @@ pub(crate) enum ToVmm {
     StartDirty(Sender<Result<(), String>>),
     /// The pages dirtied since the last call (or since logging started).
     Collect(Sender<Result<Vec<DirtyRegion>, String>>),
+    /// Throttle every vCPU to this percentage of time outside the guest (auto-converge).
+    Throttle(u32, Sender<Result<(), String>>),
     /// Pause the vCPUs; the last dirty pages and the VM's state. The VMM thread then waits
     /// for `Finished` and handles nothing else.
     Pause(Sender<Result<(Vec<DirtyRegion>, VmState), String>>),
@@ -75,8 +89,46 @@ pub(crate) enum ToVmm {
     Finished(Result<Report, MigrationError>),
 }
 
+/// What one round carried.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RoundReport {
+    /// The round; the last one is sent with the vCPUs paused.
+    pub round: u32,
+    /// Page entries.
+    pub pages: u64,
+    /// Disk block entries.
+    pub blocks: u64,
+    /// Stream bytes written for it.
+    pub bytes: u64,
+    /// From its first page to its RoundEnd written, milliseconds.
+    pub ms: f64,
+}
+
+/// Where a running migration is, for `GET /vm` and the progress line.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Progress {
+    /// The round being sent.
+    pub round: u32,
+    /// "connecting", "precopy", "stop-and-copy" or "commit".
+    pub phase: &'static str,
+    /// Stream bytes written so far.
+    pub bytes: u64,
+    /// Measured bandwidth, bytes per second.
+    pub bandwidth_bytes_per_s: u64,
+    /// How fast the guest dirtied memory and disk during the last round, bytes per second.
+    pub dirty_bytes_per_s: u64,
+    /// Dirty bytes still to send (plus what is queued and not yet on the wire).
+    pub remaining_bytes: u64,
+    /// What stop-and-copy would take now, milliseconds.
+    pub expected_downtime_ms: f64,
+    /// Since the request, milliseconds.
+    pub elapsed_ms: f64,
+    /// Auto-converge: percent of the time the vCPUs are kept out of the guest.
+    pub throttle_percent: u32,
+}
+
 /// What a finished migration measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     /// Rounds sent, the final (paused) one included.
     pub rounds: u32,
@@ -93,6 +145,10 @@ pub struct Report {
     pub blocks: u64,
     /// Bandwidth measured at the end of pre-copy, bytes per second.
     pub bandwidth: u64,
+    /// Each round.
+    pub per_round: Vec<RoundReport>,
+    /// The highest auto-converge throttle applied, percent (0: none).
+    pub throttle_percent: u32,
 }
 
 /// Why a migration failed. On the source the VM runs on; on the destination nothing
@@ -173,6 +229,12 @@ pub enum MigrationError {
     /// The destination cannot take this VM.
     #[error("cannot receive this VM: {0}")]
     Unacceptable(String),
+    /// Commit was sent but its arrival not acknowledged: the destination may run the VM.
+    #[error(
+        "outcome unknown: Commit was sent but not acknowledged ({0}); the VM stays paused \
+         here. Resume it only if the destination does not run it"
+    )]
+    InDoubt(String),
 }
 
 /// A pause long enough to read, in whole milliseconds and a fraction.

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, channel, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::virtio::{set_bits, DiskDirty};
@@ -17,8 +17,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::stream::{runtime, StreamReader, StreamWriter};
-use super::{MigrationError, Report, ToVmm, CONNECT_TIMEOUT, MAX_ROUNDS};
-use crate::api::MigrateRequest;
+use super::{
+    MigrationError, Progress, Report, RoundReport, ToVmm, COMMIT_WAIT, CONNECT_TIMEOUT, MAX_ROUNDS,
+};
+use crate::api::{Converge, MigrateRequest};
 use crate::dirty::DirtyRegion;
 use crate::vm::Vm;
 
@@ -27,6 +29,14 @@ const CHUNK_PAGES: usize = 256;
 /// The slowest link the convergence estimate assumes, bytes per second: before any
 /// measurement, and to keep a stalled measurement from dividing by zero.
 const MIN_BANDWIDTH: f64 = 1e6;
+/// Auto-converge: pre-copy rounds before throttling may start, the first throttle, its
+/// step per round, and its ceiling (percent of time outside the guest), as QEMU's
+/// cpu-throttle-initial / -increment do. It starts when the guest dirtied more than half
+/// as fast as the link carried the last round.
+const THROTTLE_AFTER_ROUNDS: u32 = 2;
+const THROTTLE_INITIAL: u32 = 20;
+const THROTTLE_STEP: u32 = 10;
+const THROTTLE_MAX: u32 = 99;
 /// How long to let queued data drain before deciding a round, at most.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
@@ -49,15 +59,18 @@ struct Source {
     to_vmm: mpsc::Sender<ToVmm>,
     wake: EventFd,
     started: Instant,
+    progress: Arc<Mutex<Progress>>,
+    /// `HOSPES_FAULT=corrupt-frame` in the environment: corrupt one frame (tests).
+    corrupt: bool,
 }
 
 /// Starts migrating `vm` as `request` says; the VMM thread receives the thread's requests
-/// on the returned channel, each announced on `wake`.
+/// on the returned channel, each announced on `wake`, and can read its progress.
 pub(crate) fn start(
     vm: &Vm,
     request: MigrateRequest,
     wake: EventFd,
-) -> Result<Receiver<ToVmm>, MigrationError> {
+) -> Result<(Receiver<ToVmm>, Arc<Mutex<Progress>>), MigrationError> {
     let mut disks = Vec::new();
     for ((drive, path), dirty) in vm
         .config
@@ -88,6 +101,14 @@ pub(crate) fn start(
         });
     }
     let (to_vmm, requests) = channel();
+    let progress = Arc::new(Mutex::new(Progress {
+        phase: "connecting",
+        ..Progress::default()
+    }));
+    let corrupt = std::env::var("HOSPES_FAULT").is_ok_and(|v| v == "corrupt-frame");
+    if corrupt {
+        tracing::warn!("HOSPES_FAULT=corrupt-frame: this migration will corrupt a frame");
+    }
     let source = Source {
         request,
         machine: vm.config.clone(),
@@ -97,6 +118,8 @@ pub(crate) fn start(
         to_vmm,
         wake,
         started: Instant::now(),
+        progress: progress.clone(),
+        corrupt,
     };
     std::thread::Builder::new()
         .name("migration".into())
@@ -108,7 +131,7 @@ pub(crate) fn start(
             source.tell(ToVmm::Finished(result));
         })
         .map_err(|e| MigrationError::Vmm(format!("cannot start the migration thread: {e}")))?;
-    Ok(requests)
+    Ok((requests, progress))
 }
 
 /// Dirty pages and blocks waiting to be sent.
@@ -164,6 +187,13 @@ fn or_into(into: &mut Vec<u64>, from: &[u64]) {
 }
 
 impl Source {
+    /// Updates the progress the API shows.
+    fn progress(&self, update: impl FnOnce(&mut Progress)) {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        update(&mut p);
+        p.elapsed_ms = super::ms(self.started.elapsed());
+    }
+
     fn tell(&self, message: ToVmm) {
         if self.to_vmm.send(message).is_ok() {
             let _ = self.wake.write(1);
@@ -209,11 +239,8 @@ impl Source {
         })?;
         let (conn, send, recv) = conn;
         tracing::info!("migrating to peer {peer} at {to}");
-        let mut out = StreamWriter {
-            rt: rt.handle().clone(),
-            stream: send,
-            bytes: 0,
-        };
+        let mut out = StreamWriter::new(rt.handle().clone(), send);
+        out.corrupt = self.corrupt;
         let mut input = StreamReader {
             rt: rt.handle().clone(),
             stream: recv,
@@ -223,6 +250,8 @@ impl Source {
         let result = self.migrate(&mut sender, &mut out, &mut input, &conn);
         match &result {
             Ok(_) => conn.close(0u32.into(), b"migrated"),
+            // Commit may have arrived: nothing may tell the destination otherwise.
+            Err(MigrationError::InDoubt(_)) => conn.close(2u32.into(), b"outcome unknown"),
             Err(e) => {
                 // Best effort: the destination may be gone already.
                 let _ = sender.abort(&mut out, &e.to_string());
@@ -233,7 +262,7 @@ impl Source {
                 conn.close(1u32.into(), b"migration failed");
             }
         }
-        // The close must reach the destination: it waits for it after Resumed.
+        // Let the close reach the destination, which winds the connection down after Commit.
         rt.block_on(endpoint.wait_idle(Duration::from_secs(1)));
         result
     }
@@ -246,6 +275,7 @@ impl Source {
         conn: &quinn::Connection,
     ) -> Result<Report, MigrationError> {
         let budget = Duration::from_millis(self.request.downtime_ms);
+        self.progress(|p| p.phase = "precopy");
         sender.hello(out)?;
         sender.read_ack(input)?;
         let udp_start = conn.stats().udp_tx.bytes;
@@ -260,26 +290,46 @@ impl Source {
             let sent = conn.stats().udp_tx.bytes.saturating_sub(udp_start);
             out.bytes.saturating_sub(sent)
         };
+        let mut per_round = Vec::new();
+        // Sends one round with `send`, and records what it carried.
+        let round =
+            |per_round: &mut Vec<RoundReport>,
+             sender: &mut Sender,
+             out: &mut StreamWriter,
+             send: &dyn Fn(&mut Sender, &mut StreamWriter) -> Result<(), MigrationError>|
+             -> Result<(), MigrationError> {
+                let (start, bytes) = (Instant::now(), out.bytes);
+                send(sender, out)?;
+                let stats = sender.end_round(out)?;
+                per_round.push(RoundReport {
+                    round: stats.round,
+                    pages: stats.pages,
+                    blocks: stats.blocks,
+                    bytes: out.bytes - bytes,
+                    ms: super::ms(start.elapsed()),
+                });
+                tracing::info!(
+                    "round {}: {} pages, {} blocks, {} bytes",
+                    stats.round,
+                    stats.pages,
+                    stats.blocks,
+                    out.bytes - bytes
+                );
+                Ok(())
+            };
 
         // Step 2: tracking on, then round 0 reads everything.
         self.ask(ToVmm::StartDirty)?;
         for disk in &self.disks {
             disk.dirty.take();
         }
-        let (mut pages, mut blocks) = (0u64, 0u64);
-        self.send_everything(sender, out)?;
-        let stats = sender.end_round(out)?;
-        pages += stats.pages;
-        blocks += stats.blocks;
-        tracing::info!(
-            "round 0: {} pages, {} blocks, {} bytes queued",
-            stats.pages,
-            stats.blocks,
-            out.bytes
-        );
+        round(&mut per_round, sender, out, &|s, o| {
+            self.send_everything(s, o)
+        })?;
 
         let mut pending = Pending::default();
-        let mut rounds = 1;
+        let mut collected = Instant::now();
+        let mut throttle = 0;
         loop {
             // Let most of what is queued leave first: it is part of the downtime otherwise.
             let waiting = Instant::now();
@@ -290,13 +340,25 @@ impl Source {
             }
             pending.add_pages(self.ask(ToVmm::Collect)?);
             pending.add_blocks(&self.disks);
+            let dirty_rate = pending.bytes() as f64 / collected.elapsed().as_secs_f64().max(1e-3);
+            collected = Instant::now();
             let bw = bandwidth();
             let left = pending.bytes() + queued(out);
             let estimate = Duration::from_secs_f64(left as f64 / bw);
+            let rounds = per_round.len() as u32;
+            self.progress(|p| {
+                p.round = rounds;
+                p.bytes = out.bytes;
+                p.bandwidth_bytes_per_s = bw as u64;
+                p.dirty_bytes_per_s = dirty_rate as u64;
+                p.remaining_bytes = left;
+                p.expected_downtime_ms = super::ms(estimate);
+            });
             tracing::info!(
-                "after round {}: {left} bytes to go at {:.0} MB/s: {:.1} ms",
+                "after round {}: {left} bytes to go at {:.1} MB/s (dirtied at {:.1} MB/s): {:.1} ms",
                 rounds - 1,
                 bw / 1e6,
+                dirty_rate / 1e6,
                 super::ms(estimate)
             );
             if estimate <= budget {
@@ -311,44 +373,65 @@ impl Source {
                     budget,
                 });
             }
-            self.send_pending(sender, out, &std::mem::take(&mut pending))?;
-            let stats = sender.end_round(out)?;
-            pages += stats.pages;
-            blocks += stats.blocks;
-            rounds += 1;
+            if self.request.converge == Converge::Throttle
+                && rounds >= THROTTLE_AFTER_ROUNDS
+                && dirty_rate > bw / 2.0
+                && throttle < THROTTLE_MAX
+            {
+                throttle = if throttle == 0 {
+                    THROTTLE_INITIAL
+                } else {
+                    (throttle + THROTTLE_STEP).min(THROTTLE_MAX)
+                };
+                tracing::info!("auto-converge: vCPUs throttled to {throttle}% off");
+                self.ask(|answer| ToVmm::Throttle(throttle, answer))?;
+                self.progress(|p| p.throttle_percent = throttle);
+            }
+            let taken = std::mem::take(&mut pending);
+            round(&mut per_round, sender, out, &|s, o| {
+                self.send_pending(s, o, &taken)
+            })?;
         }
 
         // Step 5: stop-and-copy.
         let bandwidth = bandwidth() as u64;
+        self.progress(|p| p.phase = "stop-and-copy");
         let paused = Instant::now();
         let (last, state) = self.ask(ToVmm::Pause)?;
         pending.add_pages(last);
         pending.add_blocks(&self.disks);
-        self.send_pending(sender, out, &pending)?;
-        let stats = sender.end_round(out)?;
-        pages += stats.pages;
-        blocks += stats.blocks;
-        rounds += 1;
+        round(&mut per_round, sender, out, &|s, o| {
+            self.send_pending(s, o, &pending)
+        })?;
         sender.state(out, &state)?;
         sender.done(out)?;
         let sent = Instant::now();
-        sender.read_resumed(input)?;
+        // Step 6: the destination has everything and has built the VM.
+        sender.read_ready(input)?;
+        let ready = Instant::now();
+        // Step 7, the point of no return. A Commit that could not even be written never
+        // reaches the destination (a partial frame is discarded there): the guest may
+        // still resume here. Once written, only its acknowledgement tells.
+        self.progress(|p| p.phase = "commit");
+        sender.commit(out)?;
+        out.confirm(COMMIT_WAIT).map_err(MigrationError::InDoubt)?;
         let downtime = paused.elapsed();
         tracing::info!(
-            "final round: {} pages, {} blocks; sent in {:.1} ms, acknowledged after {:.1} ms",
-            stats.pages,
-            stats.blocks,
+            "final round sent in {:.1} ms, destination ready after {:.1} ms, Commit acknowledged after {:.1} ms",
             super::ms(sent - paused),
+            super::ms(ready - paused),
             super::ms(downtime)
         );
         Ok(Report {
-            rounds,
+            rounds: per_round.len() as u32,
             total: self.started.elapsed(),
             downtime,
             bytes: out.bytes,
-            pages,
-            blocks,
+            pages: per_round.iter().map(|r| r.pages).sum(),
+            blocks: per_round.iter().map(|r| r.blocks).sum(),
             bandwidth,
+            per_round,
+            throttle_percent: throttle,
         })
     }
 

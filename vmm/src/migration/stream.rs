@@ -4,6 +4,7 @@
 //! (acknowledgements, keep-alives) is served between calls too.
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 
@@ -22,10 +23,54 @@ pub(crate) struct StreamWriter {
     pub(crate) stream: quinn::SendStream,
     /// Bytes written so far.
     pub(crate) bytes: u64,
+    /// Test hook (`HOSPES_FAULT=corrupt-frame`): flip one byte in the next write of a
+    /// frame payload, after its CRC was computed, as a corrupting network or peer would.
+    pub(crate) corrupt: bool,
+}
+
+impl StreamWriter {
+    pub(crate) fn new(rt: Handle, stream: quinn::SendStream) -> Self {
+        Self {
+            rt,
+            stream,
+            bytes: 0,
+            corrupt: false,
+        }
+    }
+
+    /// Ends the stream and waits until the peer has acknowledged every byte of it (its
+    /// QUIC stack received them; the peer process reads them next).
+    pub(crate) fn confirm(&mut self, wait: Duration) -> Result<(), String> {
+        self.stream.finish().map_err(|e| e.to_string())?;
+        let stream = &mut self.stream;
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(wait, stream.stopped()).await })
+        {
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(code))) => Err(format!("the peer stopped the stream with code {code}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no acknowledgement within {wait:?}")),
+        }
+    }
 }
 
 impl Write for StreamWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let corrupted;
+        let buf = if self.corrupt && buf.len() >= 4096 {
+            self.corrupt = false;
+            tracing::warn!(
+                "HOSPES_FAULT: corrupting a frame payload of {} bytes",
+                buf.len()
+            );
+            let mut copy = buf.to_vec();
+            copy[buf.len() / 2] ^= 0x40;
+            corrupted = copy;
+            &corrupted[..]
+        } else {
+            buf
+        };
         let stream = &mut self.stream;
         let n = self
             .rt

@@ -375,15 +375,19 @@ fn frames_out_of_order() {
             format!("HelloAck frame out of order: {round0}"),
         ),
         (
-            vec![enc(Frame::Resumed)],
-            format!("Resumed frame out of order: {round0}"),
+            vec![enc(Frame::Ready)],
+            format!("Ready frame out of order: {round0}"),
+        ),
+        (
+            vec![enc(Frame::Commit)],
+            format!("Commit frame out of order: {round0}"),
         ),
     ];
     for (frames, expected) in cases {
         assert_eq!(refused(&frames).to_string(), expected);
     }
 
-    // Nothing after Done.
+    // Nothing between Done and Ready: the VM is not running yet, so the migration fails.
     let mut wire = small_migration();
     wire.extend(pages(2, &[0]));
     let mut rx = Receiver::new();
@@ -397,11 +401,53 @@ fn frames_out_of_order() {
     let err = rx.next(&mut input, &mut sink).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "Pages frame out of order: expected nothing after Done"
+        "Pages frame out of order: expected nothing before Ready"
     );
-    // The VM may already run here: that stays so, and Resumed can still be sent.
-    assert_eq!(rx.phase(), ReceiverPhase::Complete);
-    rx.resumed(&mut io::sink()).unwrap();
+    assert_eq!(rx.phase(), ReceiverPhase::Failed);
+
+    // After Ready, only Commit or Abort; after Commit the VM runs here and a stray frame
+    // changes nothing.
+    for (stray, expected) in [
+        (
+            pages(2, &[0]),
+            "Pages frame out of order: expected Commit or Abort",
+        ),
+        (
+            enc(Frame::Ready),
+            "Ready frame out of order: expected Commit or Abort",
+        ),
+    ] {
+        let mut rx = Receiver::new();
+        let mut input = &small_migration()[..];
+        while rx.phase() != ReceiverPhase::Complete {
+            if let Event::Hello { .. } = rx.next(&mut input, &mut sink).unwrap() {
+                rx.accept(&mut io::sink()).unwrap();
+            }
+        }
+        rx.ready(&mut io::sink()).unwrap();
+        let err = rx.next(&mut &stray[..], &mut sink).unwrap_err();
+        assert_eq!(err.to_string(), expected);
+        assert_eq!(rx.phase(), ReceiverPhase::Failed);
+    }
+    let mut rx = Receiver::new();
+    let mut input = &small_migration()[..];
+    while rx.phase() != ReceiverPhase::Complete {
+        if let Event::Hello { .. } = rx.next(&mut input, &mut sink).unwrap() {
+            rx.accept(&mut io::sink()).unwrap();
+        }
+    }
+    rx.ready(&mut io::sink()).unwrap();
+    let commit = enc(Frame::Commit);
+    assert!(matches!(
+        rx.next(&mut &commit[..], &mut sink).unwrap(),
+        Event::Commit
+    ));
+    let err = rx.next(&mut &commit[..], &mut sink).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Commit frame out of order: expected nothing after Commit"
+    );
+    assert_eq!(rx.phase(), ReceiverPhase::Committed);
 }
 
 /// A whole migration from the Sender: one page, one round, the state, Done.
@@ -421,7 +467,7 @@ fn small_migration() -> Vec<u8> {
 #[test]
 fn hash_mismatch() {
     let wire = small_migration();
-    fuzz::run(&wire).unwrap();
+    fuzz::run(&[&wire[..], &enc(Frame::Commit)].concat()).unwrap();
 
     // Another hash in Done.
     let done_at = wire.len() - HEADER_LEN - 16;
@@ -590,7 +636,7 @@ fn malformed_payloads() {
             .collect::<Vec<u8>>()
     };
     let one_page = [&0u64.to_le_bytes()[..], &PAGE].concat();
-    let cases: [(Vec<u8>, &str); 10] = [
+    let cases: [(Vec<u8>, &str); 11] = [
         (
             raw(FrameType::Pages, &[le(&[0, 3]), one_page.clone()].concat()),
             "malformed Pages frame: 3 pages need at least 12312 bytes, 4104 left",
@@ -631,8 +677,12 @@ fn malformed_payloads() {
             "malformed Abort frame: reason: invalid utf-8 sequence of 1 bytes from index 0",
         ),
         (
-            raw(FrameType::Resumed, b"\0"),
-            "malformed Resumed frame: 1 bytes after the last field",
+            raw(FrameType::Ready, b"\0"),
+            "malformed Ready frame: 1 bytes after the last field",
+        ),
+        (
+            raw(FrameType::Commit, b"\0"),
+            "malformed Commit frame: 1 bytes after the last field",
         ),
     ];
     for (frame, expected) in cases {

@@ -55,7 +55,7 @@ fn aborts_and_refusals() {
         Err(WireError::Failed)
     ));
 
-    // The destination cannot resume: Abort instead of Resumed, and the source resumes.
+    // The destination cannot build the VM: Abort instead of Ready, and the source resumes.
     let (mut tx, mut rx) = handshake(&config());
     let mut wire = Vec::new();
     tx.end_round(&mut wire).unwrap();
@@ -64,7 +64,7 @@ fn aborts_and_refusals() {
     receive_all(&mut rx, &mut MemorySink::new(config()), &wire);
     let mut back = Vec::new();
     rx.abort(&mut back, &"é".repeat(600)).unwrap();
-    let err = tx.read_resumed(&mut &back[..]).unwrap_err();
+    let err = tx.read_ready(&mut &back[..]).unwrap_err();
     let WireError::Aborted(reason) = &err else {
         panic!("{err}");
     };
