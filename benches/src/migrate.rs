@@ -37,7 +37,9 @@
 //! `hospes bench migrate`; HOSPES_BENCH_RUNS (default 3), and
 //! HOSPES_BENCH_MIGRATE_WORKLOADS (`idle512,dirty64,idle1024,dirty256` by default),
 //! HOSPES_BENCH_MIGRATE_BUDGET_MS (50), HOSPES_BENCH_MIGRATE_FALLBACK_MS (500; 0: none),
-//! HOSPES_BENCH_MIGRATE_LIMIT_S (600: one migration's wall-time limit).
+//! HOSPES_BENCH_MIGRATE_LIMIT_S (600: one migration's wall-time limit),
+//! HOSPES_BENCH_MIGRATE_CONVERGE (`throttle`, hospes' default: auto-converge, and QEMU's
+//! auto-converge capability on; or `abort`: neither throttles the guest).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -127,6 +129,9 @@ pub struct MigrateParams {
     pub fallback_ms: Option<u64>,
     /// One migration's wall-time limit, seconds.
     pub limit_s: u64,
+    /// `hospes migrate --converge`: "throttle" (auto-converge; QEMU then gets its
+    /// auto-converge capability too) or "abort" (neither throttles).
+    pub converge: String,
 }
 
 impl MigrateParams {
@@ -162,6 +167,15 @@ impl MigrateParams {
             budget_ms: num("HOSPES_BENCH_MIGRATE_BUDGET_MS", 50)?,
             fallback_ms: (fallback > 0).then_some(fallback),
             limit_s: num("HOSPES_BENCH_MIGRATE_LIMIT_S", 600)?,
+            converge: match var("HOSPES_BENCH_MIGRATE_CONVERGE").as_deref() {
+                None | Some("throttle") => "throttle".into(),
+                Some("abort") => "abort".into(),
+                Some(v) => {
+                    return Err(format!(
+                        "HOSPES_BENCH_MIGRATE_CONVERGE={v}: throttle or abort"
+                    ))
+                }
+            },
         })
     }
 }
@@ -215,6 +229,8 @@ pub struct MigrateReport {
     pub rows: Vec<MigrateRow>,
     /// Logs of failed runs (the script's output), for stderr.
     pub failure_logs: Vec<String>,
+    /// The convergence mode ([`MigrateParams::converge`]).
+    pub converge: String,
 }
 
 fn spread(v: &[f64], decimals: usize) -> String {
@@ -243,7 +259,13 @@ impl MigrateReport {
         let mut s = format!(
             "Live migration inside one rig L2 (QEMU TCG, nested KVM, 1 vCPU), source and \
              destination over loopback, guest with a {DISK_MIB} MiB drive of random data \
-             moved by both; median of {} (min–max) of the successful runs:\n\n",
+             moved by both; {}; median of {} (min–max) of the successful runs:\n\n",
+            if self.converge == "throttle" {
+                "auto-converge on for both (`hospes migrate --converge throttle`, QEMU's \
+                 auto-converge capability)"
+            } else {
+                "no auto-converge (`hospes migrate --converge abort`, QEMU's default)"
+            },
             self.runs
         );
         s.push_str(
@@ -409,7 +431,10 @@ fn parse_qemu(output: &str, status: i32) -> Result<Measured, String> {
     let info = prefixed(output, "QMIG: ");
     let get = |k: &str| field(&info, k).ok_or_else(|| format!("no {k} in: {info}"));
     let ram_kb = get("transferred ram")?;
-    let disk_kb = field(&info, "transferred disk").unwrap_or(0.0);
+    // The last `transferred disk` seen while active (QEMU drops it once completed).
+    let disk_kb = field(&info, "transferred disk")
+        .or_else(|| field(output, "QDISK"))
+        .unwrap_or(0.0);
     Ok(Measured {
         total_s: get("total time")? / 1000.0,
         downtime_ms: get("downtime")?,
@@ -468,15 +493,15 @@ dd if=/dev/urandom of=disk.img bs=1M count=$DISK 2>/dev/null
 /// liveness on the destination, then a snapshot of it for its non-zero memory.
 const HOSPES: &str = r#"
 hospes keygen src.key >src.pub && hospes keygen dst.key >dst.pub || fail keygen
-hospes run g.toml --api-sock /tmp/ms.sock >src.out 2>&1 &
+HOSPES_LOG=info hospes run g.toml --api-sock /tmp/ms.sock >src.out 2>&1 &
 spid=$!; pids=$spid
 armed src.out $spid
 mkdir dst
-hospes receive --listen 127.0.0.1:$PORT --identity dst.key --trust $(cat src.pub) --dir dst --api-sock /tmp/md.sock >dst.out 2>&1 &
+HOSPES_LOG=info hospes receive --listen 127.0.0.1:$PORT --identity dst.key --trust $(cat src.pub) --dir dst --api-sock /tmp/md.sock >dst.out 2>&1 &
 dpid=$!; pids="$pids $dpid"
-n=0; while ! grep -q 'waiting for a VM' dst.out; do n=$((n+1)); [ $n -gt 300 ] && fail "receive did not start" dst.out; usleep 100000; done
+n=0; while ! grep -q 'waiting for a VM' dst.out && ! netstat -uln 2>/dev/null | grep -q "127.0.0.1:$PORT "; do n=$((n+1)); [ $n -gt 300 ] && fail "receive did not start" dst.out; usleep 100000; done
 json=; hospes migrate --help 2>&1 | grep -q -- '--json' && json=--json
-hospes migrate /tmp/ms.sock --to 127.0.0.1:$PORT --peer $(cat dst.pub) --identity src.key --downtime-ms $BUDGET $json >mig.out 2>&1 &
+hospes migrate /tmp/ms.sock --to 127.0.0.1:$PORT --peer $(cat dst.pub) --identity src.key --downtime-ms $BUDGET --converge $CONVERGE $json >mig.out 2>&1 &
 mpid=$!; pids="$pids $mpid"
 s=$(now)
 while kill -0 $mpid 2>/dev/null; do
@@ -518,6 +543,10 @@ qemu_vm -drive file=disk.img,format=raw,if=none,id=d0 -device virtio-blk-device,
 spid=$!; pids=$spid
 mon "migrate_set_parameter max-bandwidth 100G"
 mon "migrate_set_parameter downtime-limit $BUDGET"
+[ $CONVERGE = throttle ] && mon "migrate_set_capability auto-converge on"
+mon_info "info migrate_capabilities"
+ac=off; [ $CONVERGE = throttle ] && ac=on
+grep -q "^auto-converge: $ac" mon.txt || fail "auto-converge not $ac" mon.txt
 mon_info "info migrate_parameters"
 grep -q '^max-bandwidth: 107374182400 bytes/second' mon.txt || fail "max-bandwidth not set" mon.txt
 grep -q "^downtime-limit: $BUDGET ms" mon.txt || fail "downtime-limit not set" mon.txt
@@ -535,12 +564,15 @@ while :; do
 	completed) break ;;
 	failed* | cancel*) fail "QEMU migration $st" mon.txt src.out dst.out ;;
 	esac
+	# `transferred disk` is only shown while the migration is active: keep the last one.
+	d=$(sed -n 's/^transferred disk: \([0-9]*\) kbytes/\1/p' mon.txt); [ -n "$d" ] && disk_kb=$d
 	syncs=$(sed -n 's/^dirty sync count: //p' mon.txt)
 	if [ "${syncs:-0}" -gt $MAXSYNC ]; then mon migrate_cancel; sed 's/^/QMIG: /' mon.txt; fail "noconverge $syncs"; fi
 	if [ $(($(now) - s)) -gt $LIMIT ]; then mon migrate_cancel; sed 's/^/QMIG: /' mon.txt; fail "timeout $LIMIT"; fi
 	usleep 100000
 done
 sed 's/^/QMIG: /' mon.txt
+echo "QDISK=${disk_kb:-}"
 alive dst.out $dpid
 mon quit
 echo DONE
@@ -548,11 +580,18 @@ cleanup; exec 4<&-; cd /; rm -rf /data/m
 "#;
 
 /// The script for one run of `vmm` (0 hospes, 1 QEMU).
-fn script(vmm: usize, w: &Workload, budget_ms: u64, port: u16, limit_s: u64) -> String {
+fn script(
+    vmm: usize,
+    w: &Workload,
+    budget_ms: u64,
+    port: u16,
+    limit_s: u64,
+    converge: &str,
+) -> String {
     let cmd = w.guest_cmd();
     let mib = w.guest_mib;
     let vars = format!(
-        "DIRTY={} DISK={DISK_MIB} BUDGET={budget_ms} PORT={port} LIMIT={limit_s} MAXSYNC={QEMU_MAX_SYNCS}\n",
+        "DIRTY={} DISK={DISK_MIB} BUDGET={budget_ms} PORT={port} LIMIT={limit_s} MAXSYNC={QEMU_MAX_SYNCS} CONVERGE={converge}\n",
         w.dirty_mib
     );
     let body = if vmm == 0 {
@@ -617,24 +656,26 @@ pub fn run(
                         w.label(),
                         w.guest_mib
                     );
-                    let result =
-                        match l2.run(&script(vmm, w, budget, port, params.limit_s), timeout) {
-                            Ok(out) => {
-                                let r = if vmm == 0 {
-                                    parse_hospes(&out.output, out.status)
-                                } else {
-                                    parse_qemu(&out.output, out.status)
-                                };
-                                if r.is_err() {
-                                    failure_logs.push(format!("=== {what}:\n{}", out.output));
-                                }
-                                r
+                    let result = match l2.run(
+                        &script(vmm, w, budget, port, params.limit_s, &params.converge),
+                        timeout,
+                    ) {
+                        Ok(out) => {
+                            let r = if vmm == 0 {
+                                parse_hospes(&out.output, out.status)
+                            } else {
+                                parse_qemu(&out.output, out.status)
+                            };
+                            if r.is_err() {
+                                failure_logs.push(format!("=== {what}:\n{}", out.output));
                             }
-                            Err(e) => {
-                                failure_logs.push(format!("=== {what}: {e}"));
-                                Err(format!("rig: {e}").chars().take(160).collect())
-                            }
-                        };
+                            r
+                        }
+                        Err(e) => {
+                            failure_logs.push(format!("=== {what}: {e}"));
+                            Err(format!("rig: {e}").chars().take(160).collect())
+                        }
+                    };
                     match &result {
                         Ok(m) => progress(&format!(
                             "{what}: total {:.2} s, downtime {:.0} ms, wire {:.1} MB (disk {:.1}), \
@@ -667,6 +708,7 @@ pub fn run(
         runs: params.runs,
         rows,
         failure_logs,
+        converge: params.converge.clone(),
     })
 }
 
@@ -771,6 +813,7 @@ mod tests {
                 },
             ],
             failure_logs: vec![],
+            converge: "abort".into(),
         }
         .markdown();
         assert!(
