@@ -39,7 +39,8 @@
 //! HOSPES_BENCH_MIGRATE_BUDGET_MS (50), HOSPES_BENCH_MIGRATE_FALLBACK_MS (500; 0: none),
 //! HOSPES_BENCH_MIGRATE_LIMIT_S (600: one migration's wall-time limit),
 //! HOSPES_BENCH_MIGRATE_CONVERGE (`throttle`, hospes' default: auto-converge, and QEMU's
-//! auto-converge capability on; or `abort`: neither throttles the guest).
+//! auto-converge capability on; or `abort`: neither throttles the guest),
+//! HOSPES_BENCH_MIGRATE_LOG_DIR (a directory for every run's whole output).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -516,6 +517,7 @@ alive dst.out $dpid
 hospes ctl /tmp/md.sock snapshot /data/m/snap --then stop >snap.json 2>&1 || fail snapshot snap.json dst.out
 echo "NONZERO=$(sed -n 's/.*"memory_bytes": *\([0-9]*\).*/\1/p' snap.json)"
 wait $dpid
+grep -v '^[tp]' src.out | tr -d '\r' | sed 's/^/SRC: /'; grep -v '^[tp]' dst.out | tr -d '\r' | sed 's/^/DST: /'
 echo DONE
 cleanup; cd /; rm -rf /data/m
 "#;
@@ -635,6 +637,11 @@ pub fn run(
     let mut port: u16 = 4440;
     let mut rows = Vec::new();
     let mut failure_logs = Vec::new();
+    // HOSPES_BENCH_MIGRATE_LOG_DIR: every run's whole output (hospes' info log included).
+    let log_dir = std::env::var_os("HOSPES_BENCH_MIGRATE_LOG_DIR").map(PathBuf::from);
+    if let Some(dir) = &log_dir {
+        let _ = std::fs::create_dir_all(dir);
+    }
     for w in &params.workloads {
         let mut budget = params.budget_ms;
         loop {
@@ -661,6 +668,15 @@ pub fn run(
                         timeout,
                     ) {
                         Ok(out) => {
+                            if let Some(dir) = &log_dir {
+                                let file = dir.join(format!(
+                                    "{}-{}-{budget}ms-{round}-{}.log",
+                                    w.key,
+                                    w.guest_mib,
+                                    if vmm == 0 { "hospes" } else { "qemu" }
+                                ));
+                                let _ = std::fs::write(file, &out.output);
+                            }
                             let r = if vmm == 0 {
                                 parse_hospes(&out.output, out.status)
                             } else {
