@@ -432,7 +432,8 @@ fn parse_qemu(output: &str, status: i32) -> Result<Measured, String> {
     let info = prefixed(output, "QMIG: ");
     let get = |k: &str| field(&info, k).ok_or_else(|| format!("no {k} in: {info}"));
     let ram_kb = get("transferred ram")?;
-    // The last `transferred disk` seen while active (QEMU drops it once completed).
+    // The last `transferred disk` seen while active (QEMU drops it once completed), or the
+    // drive's size if that is more: all of it is sent.
     let disk_kb = field(&info, "transferred disk")
         .or_else(|| field(output, "QDISK"))
         .unwrap_or(0.0);
@@ -567,7 +568,9 @@ while :; do
 	failed* | cancel*) fail "QEMU migration $st" mon.txt src.out dst.out ;;
 	esac
 	# `transferred disk` is only shown while the migration is active: keep the last one.
+	# Block migration sends the whole drive at least once: at least `total disk` in all.
 	d=$(sed -n 's/^transferred disk: \([0-9]*\) kbytes/\1/p' mon.txt); [ -n "$d" ] && disk_kb=$d
+	d=$(sed -n 's/^total disk: \([0-9]*\) kbytes/\1/p' mon.txt); [ -n "$d" ] && [ $d -gt ${disk_kb:-0} ] && disk_kb=$d
 	syncs=$(sed -n 's/^dirty sync count: //p' mon.txt)
 	if [ "${syncs:-0}" -gt $MAXSYNC ]; then mon migrate_cancel; sed 's/^/QMIG: /' mon.txt; fail "noconverge $syncs"; fi
 	if [ $(($(now) - s)) -gt $LIMIT ]; then mon migrate_cancel; sed 's/^/QMIG: /' mon.txt; fail "timeout $LIMIT"; fi
