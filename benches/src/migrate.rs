@@ -712,10 +712,12 @@ pub fn run(
                     row.runs.push(result);
                 }
             }
-            let hospes_unconverged = pair[0]
-                .runs
-                .iter()
-                .any(|r| r.as_ref().is_err_and(|e| e.contains("converge")));
+            let hospes_unconverged = pair[0].runs.iter().any(|r| {
+                // With auto-converge hospes has no round limit: past the time limit
+                // is its way of not converging.
+                r.as_ref()
+                    .is_err_and(|e| e.contains("converge") || e.starts_with("not done after"))
+            });
             rows.extend(pair);
             match params.fallback_ms {
                 Some(f) if hospes_unconverged && budget != f => budget = f,
