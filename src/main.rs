@@ -137,6 +137,11 @@ enum BenchCommand {
     /// Snapshot and restore-to-running time and the memory file's size, 256 MiB and 1 GiB
     /// guests, hospes vs QEMU saving to a file (HOSPES_BENCH_RUNS, default 3).
     Snapshot,
+    /// Live migration, hospes vs QEMU in one L2 over loopback: idle 512 MiB / 1 GiB guests
+    /// and 64 / 256 MiB dirtying working sets, 50 ms downtime budget (500 ms where hospes
+    /// does not converge); HOSPES_BENCH_RUNS (default 3), HOSPES_BENCH_MIGRATE_* (see
+    /// benches/src/migrate.rs).
+    Migrate,
     /// Disk, network and CPU: native vs the guest under hospes vs under QEMU; a markdown
     /// table and PNG charts (HOSPES_BENCH_RUNS, default 5). Needs `hospes-iotool` next to
     /// this binary (`cargo build --release -p hospes-bench --bin hospes-iotool`) or in
@@ -256,6 +261,15 @@ fn bench(which: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Snapshot => {
             let report = bench::snapshot::run(&hospes, runs.unwrap_or(3), &mut progress)?;
             println!("\n{}", report.markdown());
+        }
+        BenchCommand::Migrate => {
+            let params =
+                bench::migrate::MigrateParams::from_env(runs).map_err(anyhow::Error::msg)?;
+            let report = bench::migrate::run(&hospes, &params, &mut progress)?;
+            println!("\n{}", report.markdown());
+            for log in &report.failure_logs {
+                eprintln!("\n{log}");
+            }
         }
         BenchCommand::Io { out } => {
             let iotool = match std::env::var_os("HOSPES_IOTOOL") {

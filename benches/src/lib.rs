@@ -1,9 +1,11 @@
 //! hospes benchmark harnesses, run in the nested rig (see the `rig` crate): [`boot`] (hospes
 //! vs QEMU boot time and memory overhead), [`io`] (disk, network and CPU, native vs
 //! hospes guest vs QEMU guest) and [`snapshot`] (snapshot and restore times and memory
-//! file size, hospes vs QEMU saving to a file). Each prints figures; none passes or fails.
+//! file size, hospes vs QEMU saving to a file), and [`migrate`] (live migration, hospes vs
+//! QEMU, in one L2 over loopback). Each prints figures; none passes or fails.
 
 pub mod boot;
 pub mod chart;
 pub mod io;
+pub mod migrate;
 pub mod snapshot;

@@ -38,8 +38,9 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
 /// disk blocks may move on separate streams). Only trusted peers get this far, and this
 /// bounds what each can make us buffer.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
-/// The same bound for what we send without acknowledgement.
-pub const SEND_WINDOW: u64 = 64 << 20;
+/// What we send without acknowledgement: one stream's window. More would only queue data
+/// the migration counts as still to send, and stretch the final round.
+pub const SEND_WINDOW: u64 = 16 << 20;
 /// The largest UDP payload quinn may discover and accept. Measured on loopback (256 MiB
 /// on one stream): 1452 bytes (quinn's default ceiling) 341 MB/s, 5000 bytes 667 MB/s,
 /// 6000 bytes 480-680 MB/s; from 7000 bytes on, datagrams get lost in quinn's receive

@@ -138,6 +138,7 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
     let mut input = StreamReader {
         rt: rt.handle().clone(),
         stream: recv,
+        timeout: super::IO_TIMEOUT,
     };
     let mut receiver = Receiver::new();
     let mut target = Target {

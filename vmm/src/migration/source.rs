@@ -37,6 +37,10 @@ const THROTTLE_AFTER_ROUNDS: u32 = 2;
 const THROTTLE_INITIAL: u32 = 20;
 const THROTTLE_STEP: u32 = 10;
 const THROTTLE_MAX: u32 = 99;
+/// How long the paused source waits for Ready: the data still queued has to arrive and
+/// the destination build the VM first, on a link that may have slowed down since the
+/// estimate.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long to let queued data drain before deciding a round, at most.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
@@ -244,6 +248,7 @@ impl Source {
         let mut input = StreamReader {
             rt: rt.handle().clone(),
             stream: recv,
+            timeout: super::IO_TIMEOUT,
         };
         let config = MigrationConfig::new(self.machine.clone(), self.regions.clone())?;
         let mut sender = Sender::new(config)?;
@@ -406,7 +411,9 @@ impl Source {
         sender.state(out, &state)?;
         sender.done(out)?;
         let sent = Instant::now();
-        // Step 6: the destination has everything and has built the VM.
+        // Step 6: the destination has everything and has built the VM. What is still
+        // queued has to reach it first, at whatever the link does now.
+        input.timeout = READY_TIMEOUT;
         sender.read_ready(input)?;
         let ready = Instant::now();
         // Step 7, the point of no return. A Commit that could not even be written never

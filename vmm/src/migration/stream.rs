@@ -10,10 +10,10 @@ use tokio::runtime::Handle;
 
 use super::IO_TIMEOUT;
 
-fn timed_out() -> io::Error {
+fn timed_out(waited: Duration) -> io::Error {
     io::Error::new(
         io::ErrorKind::TimedOut,
-        format!("no progress on the migration stream for {IO_TIMEOUT:?}"),
+        format!("no progress on the migration stream for {waited:?}"),
     )
 }
 
@@ -75,7 +75,7 @@ impl Write for StreamWriter {
         let n = self
             .rt
             .block_on(async { tokio::time::timeout(IO_TIMEOUT, stream.write(buf)).await })
-            .map_err(|_| timed_out())?
+            .map_err(|_| timed_out(IO_TIMEOUT))?
             .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))?;
         self.bytes += n as u64;
         Ok(n)
@@ -90,15 +90,18 @@ impl Write for StreamWriter {
 pub(crate) struct StreamReader {
     pub(crate) rt: Handle,
     pub(crate) stream: quinn::RecvStream,
+    /// How long one read may wait for data.
+    pub(crate) timeout: Duration,
 }
 
 impl Read for StreamReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let stream = &mut self.stream;
+        let wait = self.timeout;
         let read = self
             .rt
-            .block_on(async { tokio::time::timeout(IO_TIMEOUT, stream.read(buf)).await })
-            .map_err(|_| timed_out())?
+            .block_on(async { tokio::time::timeout(wait, stream.read(buf)).await })
+            .map_err(|_| timed_out(wait))?
             .map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e.to_string()))?;
         Ok(read.unwrap_or(0))
     }
