@@ -332,13 +332,16 @@ impl fmt::Display for Test<'_> {
     }
 }
 
-/// Counter lines `c=N r=d=0000000N` of a log, as (counter, disk value read).
+/// Complete counter lines `c=N r=d=0000000N` of a log, as (counter, disk value read).
 fn counters(log: &str) -> Vec<(u64, u64)> {
     log.lines()
         .filter_map(|l| {
             let rest = l.strip_prefix("c=")?;
             let (c, r) = rest.split_once(" r=d=")?;
-            Some((c.trim().parse().ok()?, r.trim().parse().ok()?))
+            // A line cut short (the VM stopped while printing it) is not a counter line.
+            let r = r.trim();
+            (r.len() == 8).then_some(())?;
+            Some((c.trim().parse().ok()?, r.parse().ok()?))
         })
         .collect()
 }
