@@ -713,8 +713,8 @@ pub fn run(
                 }
             }
             let hospes_unconverged = pair[0].runs.iter().any(|r| {
-                // With auto-converge hospes has no round limit: past the time limit
-                // is its way of not converging.
+                // Killed at the time limit before hospes' own round limit (30 rounds
+                // of a working set at the link's speed take longer) is not converging too.
                 r.as_ref()
                     .is_err_and(|e| e.contains("converge") || e.starts_with("not done after"))
             });
