@@ -6,21 +6,15 @@
 use std::sync::MutexGuard;
 use std::time::Duration;
 
-use rig::{RigConfig, L2};
+use rig::L2;
 
-const HOSPES: &str = env!("CARGO_BIN_EXE_hospes");
+mod common;
+use common::{assert_consistent, counters, section, value};
+
 const TIMEOUT: Duration = Duration::from_secs(900);
 
 fn l2() -> MutexGuard<'static, L2> {
-    rig::shared(|| {
-        let guest = rig::guest_dir().expect("default guest");
-        RigConfig::default()
-            .disk_mib(1024)
-            .add_binary(HOSPES, "/usr/local/bin/hospes")
-            .add_file(guest.join("vmlinuz"), "/guest/vmlinuz")
-            .add_file(guest.join("initramfs.cpio.gz"), "/guest/initramfs.cpio.gz")
-    })
-    .expect("L2 boots")
+    common::l2_with_data_disk()
 }
 
 /// Runs `script` in a fresh directory /data/<dir> of L2 and returns its output; panics
@@ -71,48 +65,6 @@ lines() { n=$(grep -c '^c=' "$1" 2>/dev/null); echo ${n:-0}; }
 wait_lines() { n=0; while [ "$(lines $1)" -lt $2 ]; do n=$((n+1)); if [ $n -gt 600 ] || ! kill -0 $pid 2>/dev/null; then echo "no $2 counter lines in $1:"; cat $1; exit 1; fi; sleep 0.1; done; }
 wait_sock() { n=0; while [ ! -S $1 ]; do n=$((n+1)); [ $n -gt 300 ] && { echo "no socket $1"; exit 1; }; sleep 0.1; done; }
 "#;
-
-/// Counter lines `c=N r=d=0000000N` of one output section, as (counter, disk value read).
-fn counters(section: &str) -> Vec<(u64, u64)> {
-    section
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("c=")?;
-            let (c, r) = rest.split_once(" r=d=")?;
-            Some((c.trim().parse().ok()?, r.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// The text between `===NAME` and the next `===` marker.
-fn section<'a>(out: &'a str, name: &str) -> &'a str {
-    let start = out
-        .find(&format!("==={name}\n"))
-        .unwrap_or_else(|| panic!("no section {name} in:\n{out}"))
-        + name.len()
-        + 4;
-    let end = out[start..].find("===").map_or(out.len(), |e| start + e);
-    &out[start..end]
-}
-
-fn value<'a>(out: &'a str, key: &str) -> &'a str {
-    out.lines()
-        .find_map(|l| l.split_once(key).map(|(_, v)| v))
-        .map(|v| v.split_whitespace().next().unwrap_or(""))
-        .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
-}
-
-/// Every counter line reads back from the disk the value it wrote, and the counter
-/// increases by one from line to line.
-fn assert_consistent(name: &str, c: &[(u64, u64)], out: &str) {
-    assert!(c.len() >= 10, "{name}: too few counter lines:\n{out}");
-    for pair in c.windows(2) {
-        assert_eq!(pair[1].0, pair[0].0 + 1, "{name}: counter skipped:\n{out}");
-    }
-    for &(n, r) in c {
-        assert_eq!(n, r, "{name}: the disk read back {r} for {n}:\n{out}");
-    }
-}
 
 /// Starts the counting guest (`out0`, API /tmp/$1.sock) and a destination listening on
 /// 127.0.0.1:$2 trusting `$3.pub`, drive images in dst/, output in out1.
