@@ -22,8 +22,9 @@
 //!    registered as at boot.
 //! 5. vCPUs created (their LAPICs must exist), then the VM-wide state (PIT, kvmclock,
 //!    PICs, IOAPIC), then each vCPU's state (see `state` for that order).
-//! 6. Every queue processed once (notifications the old process never saw), then the
-//!    vCPU threads start.
+//! 6. Every queue processed once (notifications the old process never saw), and the
+//!    interrupt of each device whose InterruptStatus is set raised once more (edges raised
+//!    before step 5 were overwritten by it), then the vCPU threads start.
 //!
 //! The restored VM runs on the drive images inside the snapshot directory: restoring
 //! consumes the snapshot. Copy the directory first (`cp -r --reflink=auto`) to keep it.
@@ -359,9 +360,10 @@ pub(crate) fn build_from_state(
         state::restore_vcpu(fd, index as u32, saved)?;
     }
 
-    // 6. Queues, then run.
+    // 6. Queues, and interrupts the guest has not seen. Only now: an edge raised before
+    //    the IOAPIC and LAPICs were restored in step 5 was overwritten with them.
     for transport in &transports {
-        lock(transport).process_all_queues();
+        lock(transport).resume();
     }
     let drive_paths = state
         .machine

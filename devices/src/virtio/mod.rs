@@ -143,11 +143,24 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
-    /// Sets InterruptStatus to a saved value and, if any bit is set, raises the line once:
-    /// the old process's edge may have been consumed before the guest handled it.
+    /// Sets InterruptStatus to a saved value, without raising the line: the VM's interrupt
+    /// controllers are not restored yet. See [`Interrupt::raise_pending`].
     pub(crate) fn restore(&self, status: u32) {
         self.status.store(status, Ordering::SeqCst);
-        if status != 0 {
+    }
+
+    /// Raises the line once if InterruptStatus has any bit set.
+    ///
+    /// Called when a restored VM is about to run. The old process's last edge may not have
+    /// reached the guest's LAPIC when its state was read (KVM injects irqfd writes for
+    /// IOAPIC pins from a work queue), and edges raised while the devices were rebuilt
+    /// went to interrupt controllers that were overwritten afterwards. A lost edge is not
+    /// harmless: with VIRTIO_RING_F_EVENT_IDX the device only signals again when its used
+    /// index crosses the driver's `used_event`, which the driver only moves once it has
+    /// seen an interrupt, so the queue would stall until something else interrupted the
+    /// guest. An extra edge costs the driver one read of InterruptStatus.
+    pub(crate) fn raise_pending(&self) {
+        if self.status() != 0 {
             if let Err(e) = self.irq.write(1) {
                 tracing::error!("writing the device irqfd failed: {e}");
             }

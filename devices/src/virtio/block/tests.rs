@@ -508,6 +508,7 @@ fn requests_continue_after_save_and_restore() {
     let mut back = vec![0u8; 512];
     mem.read_slice(&mut back, GuestAddress(DATA2)).unwrap();
     assert_eq!(back, data);
+    d.t().resume();
     assert!(d.interrupts() > 0);
 
     let (status, len) = request(&mut d, T_IN, 5, &[wo(DATA, 512)]);

@@ -519,6 +519,15 @@ impl MmioTransport {
         }
     }
 
+    /// Starts a restored transport, on the VMM thread once the VM-wide interrupt state
+    /// and every vCPU's state are restored and before the vCPUs run: processes every queue
+    /// (notifications the old process received but never handled), then raises the
+    /// interrupt once if InterruptStatus is set (see [`Interrupt::raise_pending`]).
+    pub fn resume(&mut self) {
+        self.process_all_queues();
+        self.interrupt.raise_pending();
+    }
+
     fn process_extra(&mut self, index: usize, events: EventSet) {
         if !self.can_process() {
             return;

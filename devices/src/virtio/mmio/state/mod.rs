@@ -196,7 +196,8 @@ impl MmioTransport {
     /// `mem` must already hold the saved guest memory: ready queues are checked against
     /// it, and an activated device is activated again (as on DRIVER_OK, with the acked
     /// features) so it resumes work without the guest's help, which may process requests
-    /// posted since the save. An interrupt pending in `state` is raised once more.
+    /// posted since the save. Call [`MmioTransport::resume`] once the VM's interrupt
+    /// controllers and vCPUs are restored: an interrupt raised before that is lost.
     ///
     /// Registers of a queue that is not ready are kept as the driver wrote them, unchecked:
     /// the live transport keeps them the same way and validates them when the driver sets
@@ -242,6 +243,9 @@ impl MmioTransport {
         transport.status = state.status;
         transport.config_generation = state.config_generation;
         transport.interrupt.restore(state.interrupt_status);
+        // Reactivation may complete requests and raise the line; the edge is lost (the
+        // IOAPIC and LAPICs are restored later, and may not exist yet) but the status bit
+        // it sets is kept, and `resume` raises the line again for it.
         if state.activated {
             transport.reactivate()?;
         }
