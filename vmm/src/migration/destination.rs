@@ -159,7 +159,7 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
         Err(e) => {
             target.discard();
             let _ = out.stream.finish();
-            conn.close(1u32.into(), b"migration failed");
+            close_with(&rt, &endpoint, &conn, &e);
             return Err(e.into());
         }
     };
@@ -204,7 +204,7 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
     if let Err(e) = committed {
         drop(built);
         target.discard();
-        conn.close(1u32.into(), b"migration failed");
+        close_with(&rt, &endpoint, &conn, &e);
         tracing::warn!("no Commit from the source; nothing runs here: {e}");
         return Err(e.into());
     }
@@ -221,6 +221,30 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
         endpoint.close();
     });
     vm::run_built(built, api)
+}
+
+/// Longest reason put in a CONNECTION_CLOSE frame; quinn cuts it to fit one packet anyway.
+const CLOSE_REASON_MAX: usize = 900;
+
+/// Closes the connection with `error` as the reason, so the source reports why (e.g. the
+/// CRC mismatch of a corrupted frame) rather than only that the connection was lost, and
+/// waits briefly for the close to leave before the process goes.
+fn close_with(
+    rt: &tokio::runtime::Runtime,
+    endpoint: &Endpoint,
+    conn: &quinn::Connection,
+    error: &MigrationError,
+) {
+    let mut reason = format!("the destination gave up: {error}");
+    if reason.len() > CLOSE_REASON_MAX {
+        let mut end = CLOSE_REASON_MAX;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    conn.close(1u32.into(), reason.as_bytes());
+    rt.block_on(endpoint.wait_idle(Duration::from_secs(1)));
 }
 
 /// Steps 3-4: the stream up to a Done whose hash matched; the State it carried.

@@ -66,6 +66,9 @@ struct Source {
     progress: Arc<Mutex<Progress>>,
     /// `HOSPES_FAULT=corrupt-frame` in the environment: corrupt one frame (tests).
     corrupt: bool,
+    /// `HOSPES_FAULT=commit-unacked` in the environment: once Commit is acknowledged, act
+    /// as if the acknowledgement had been lost (tests of the in-doubt path).
+    commit_unacked: bool,
 }
 
 /// Starts migrating `vm` as `request` says; the VMM thread receives the thread's requests
@@ -109,9 +112,11 @@ pub(crate) fn start(
         phase: "connecting",
         ..Progress::default()
     }));
-    let corrupt = std::env::var("HOSPES_FAULT").is_ok_and(|v| v == "corrupt-frame");
-    if corrupt {
-        tracing::warn!("HOSPES_FAULT=corrupt-frame: this migration will corrupt a frame");
+    let fault = std::env::var("HOSPES_FAULT").unwrap_or_default();
+    let corrupt = fault == "corrupt-frame";
+    let commit_unacked = fault == "commit-unacked";
+    if corrupt || commit_unacked {
+        tracing::warn!("HOSPES_FAULT={fault}: this migration fails on purpose");
     }
     let source = Source {
         request,
@@ -124,6 +129,7 @@ pub(crate) fn start(
         started: Instant::now(),
         progress: progress.clone(),
         corrupt,
+        commit_unacked,
     };
     std::thread::Builder::new()
         .name("migration".into())
@@ -421,7 +427,13 @@ impl Source {
         // still resume here. Once written, only its acknowledgement tells.
         self.progress(|p| p.phase = "commit");
         sender.commit(out)?;
-        out.confirm(COMMIT_WAIT).map_err(MigrationError::InDoubt)?;
+        let confirmed = out.confirm(COMMIT_WAIT);
+        if self.commit_unacked {
+            return Err(MigrationError::InDoubt(format!(
+                "HOSPES_FAULT=commit-unacked: the acknowledgement of Commit ({confirmed:?}) is taken as lost"
+            )));
+        }
+        confirmed.map_err(MigrationError::InDoubt)?;
         let downtime = paused.elapsed();
         tracing::info!(
             "final round sent in {:.1} ms, destination ready after {:.1} ms, Commit acknowledged after {:.1} ms",
