@@ -17,6 +17,19 @@ fn timed_out(waited: Duration) -> io::Error {
     )
 }
 
+/// `error` and its sources, joined by ": ". quinn's "connection lost" keeps why (e.g. the
+/// peer's close reason) in its source.
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
 /// The sending half, counting what it wrote.
 pub(crate) struct StreamWriter {
     pub(crate) rt: Handle,
@@ -49,7 +62,7 @@ impl StreamWriter {
         {
             Ok(Ok(None)) => Ok(()),
             Ok(Ok(Some(code))) => Err(format!("the peer stopped the stream with code {code}")),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(describe(&e)),
             Err(_) => Err(format!("no acknowledgement within {wait:?}")),
         }
     }
@@ -76,7 +89,7 @@ impl Write for StreamWriter {
             .rt
             .block_on(async { tokio::time::timeout(IO_TIMEOUT, stream.write(buf)).await })
             .map_err(|_| timed_out(IO_TIMEOUT))?
-            .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))?;
+            .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, describe(&e)))?;
         self.bytes += n as u64;
         Ok(n)
     }
@@ -102,7 +115,7 @@ impl Read for StreamReader {
             .rt
             .block_on(async { tokio::time::timeout(wait, stream.read(buf)).await })
             .map_err(|_| timed_out(wait))?
-            .map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e.to_string()))?;
+            .map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, describe(&e)))?;
         Ok(read.unwrap_or(0))
     }
 }
@@ -115,4 +128,27 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, super::MigrationError
         .enable_all()
         .build()
         .map_err(super::MigrationError::Runtime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[test]
+    fn describe_keeps_the_sources() {
+        let inner = std::io::Error::other("closed by peer: the destination gave up");
+        let outer = std::io::Error::new(std::io::ErrorKind::BrokenPipe, inner);
+        assert_eq!(
+            describe(outer.get_ref().unwrap()),
+            "closed by peer: the destination gave up"
+        );
+        #[derive(Debug, thiserror::Error)]
+        #[error("connection lost")]
+        struct Lost(#[source] std::io::Error);
+        let lost = Lost(std::io::Error::other("closed by peer: CRC mismatch"));
+        assert_eq!(
+            describe(&lost),
+            "connection lost: closed by peer: CRC mismatch"
+        );
+    }
 }
