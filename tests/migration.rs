@@ -110,7 +110,10 @@ fn a_migrated_guest_continues_its_counter_disk_and_network_and_the_source_exits_
     eprintln!(
         "{}",
         out.lines()
-            .filter(|l| l.starts_with("migrated to"))
+            .filter(|l| l.starts_with("migrated to")
+                || l.contains("stop-and-copy")
+                || l.contains("VM build")
+                || l.contains("Done to VM built"))
             .collect::<Vec<_>>()
             .join("\n")
     );

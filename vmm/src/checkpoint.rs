@@ -13,18 +13,24 @@
 //!
 //! Restoring (`restore`), in this order:
 //! 1. Read and check the state file and the memory file's length (a bad snapshot starts
-//!    nothing).
+//!    nothing). Guest RAM as at boot, filled from the memory file (holes stay zero).
+//!
+//! Then the build, in two phases. Phase one ([`prebuild`]) needs only the machine
+//! configuration, so a migration destination runs it as soon as the Hello announces the
+//! VM, while pre-copy goes on; phase two ([`finish_build`]) needs the saved state.
 //! 2. KVM, the VM, its TSS, irqchip and PIT, exactly as for a boot (`vm::create_vm`).
-//! 3. Guest RAM as at boot, filled from the memory file (holes stay zero), registered
-//!    with KVM.
-//! 4. Devices as the snapshot left them: COM1 from its registers, each virtio transport
-//!    with its queues, on the snapshot's drive images. Their irqfds and ioeventfds are
-//!    registered as at boot.
-//! 5. vCPUs created (their LAPICs must exist), then the VM-wide state (PIT, kvmclock,
-//!    PICs, IOAPIC), then each vCPU's state (see `state` for that order).
-//! 6. Every queue processed once (notifications the old process never saw), and the
+//! 3. Guest RAM registered with KVM (it may still be written afterwards: no vCPU runs).
+//! 4. Each drive image opened and locked by its block device.
+//! 5. vCPUs created: their LAPICs must exist before the VM-wide state is restored (7).
+//! 6. Phase two. Devices as the snapshot left them: COM1 from its registers, the TAPs
+//!    opened (only now: in a handover on one host, a TAP queue attached early would take
+//!    its share of the guest's incoming frames during the whole pre-copy), each virtio
+//!    transport with its queues. Their irqfds and ioeventfds are registered as at boot.
+//! 7. The VM-wide state (PIT, kvmclock, PICs, IOAPIC), then each vCPU's state (see
+//!    `state` for that order).
+//! 8. Every queue processed once (notifications the old process never saw), and the
 //!    interrupt of each device whose InterruptStatus is set raised once more (edges raised
-//!    before step 5 were overwritten by it), then the vCPU threads start.
+//!    before step 7 were overwritten by it), then the vCPU threads start.
 //!
 //! The restored VM runs on the drive images inside the snapshot directory: restoring
 //! consumes the snapshot. Copy the directory first (`cp -r --reflink=auto`) to keep it.
@@ -34,12 +40,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use devices::virtio::{self, Block, BlockConfig, Net};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use snapshot::dir::{SnapshotWriter, MEMORY_FILE, STATE_FILE};
-use snapshot::{DevicesState, MemoryState, VmState};
+use snapshot::{DevicesState, MachineConfig, MemoryState, VmState};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::api::ApiServer;
 use crate::bus::lock;
+use crate::laps::Laps;
 use crate::layout::ram_ranges;
 use crate::state::{self, StateError};
 use crate::vcpu::VcpuError;
@@ -115,25 +123,29 @@ unsafe fn ram_slices(mem: &devices::GuestMemoryMmap) -> (Vec<&mut [u8]>, Vec<(u6
 /// The vCPU, VM-wide and device state of paused `vm`.
 fn capture(
     vm: &Vm,
+    laps: &mut Laps,
 ) -> Result<(Vec<snapshot::VcpuState>, snapshot::KvmVmState, DevicesState), CheckpointError> {
     let vcpus = vm
         .vcpus
         .iter()
         .map(|v| v.save())
         .collect::<Result<Vec<_>, _>>()?;
+    laps.lap("save vCPUs");
     let kvm_state = state::save_vm(&vm.fd)?;
+    laps.lap("save VM state");
     let devices = DevicesState {
         serial: lock(&vm.serial).save_state(),
         virtio: vm.transports.iter().map(|t| lock(t).save_state()).collect(),
     };
+    laps.lap("save devices");
     Ok((vcpus, kvm_state, devices))
 }
 
 /// The whole state of paused `vm` but its memory and disks, which travel separately: what
 /// a migration's State frame carries. The machine is `vm.config` unchanged, as the
-/// migration's Hello announced it.
-pub(crate) fn capture_state(vm: &Vm) -> Result<VmState, CheckpointError> {
-    let (vcpus, kvm_state, devices) = capture(vm)?;
+/// migration's Hello announced it. Each step's time goes to `laps`.
+pub(crate) fn capture_state(vm: &Vm, laps: &mut Laps) -> Result<VmState, CheckpointError> {
+    let (vcpus, kvm_state, devices) = capture(vm, laps)?;
     let regions = vm.mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
     Ok(VmState {
         machine: vm.config.clone(),
@@ -152,7 +164,7 @@ pub(crate) fn save(vm: &Vm, dir: &Path) -> Result<Saved, CheckpointError> {
     let start = Instant::now();
     let writer = SnapshotWriter::begin(dir)?;
 
-    let (vcpus, kvm_state, devices) = capture(vm)?;
+    let (vcpus, kvm_state, devices) = capture(vm, &mut Laps::start())?;
 
     let memory_path = writer.path(MEMORY_FILE);
     let file = File::create(&memory_path).map_err(|source| CheckpointError::Create {
@@ -262,7 +274,7 @@ pub fn restore(dir: &Path, options: &RunOptions) -> Result<Outcome, VmmError> {
         .map(ApiServer::start)
         .transpose()?;
 
-    // 2-6.
+    // 2-8.
     let mem = memory::create_guest_memory(state.memory.total_bytes())?;
     {
         let path = dir.join(&state.memory.file);
@@ -285,41 +297,147 @@ pub fn restore(dir: &Path, options: &RunOptions) -> Result<Outcome, VmmError> {
     vm::run_built(built, api)
 }
 
-/// Steps 2-6 of a restore: a VM built around `mem` (already holding guest RAM) and the
+/// Steps 2-8 of a restore: a VM built around `mem` (already holding guest RAM) and the
 /// drive images in `dir`, in `state`'s configuration and state, its vCPUs not started.
-/// A migration destination builds its VM the same way.
+/// Both phases back to back; a migration destination runs the first one early
+/// ([`prebuild`] on the Hello) and the second ([`finish_build`]) on Done.
 pub(crate) fn build_from_state(
     state: VmState,
     mem: devices::GuestMemoryMmap,
     dir: &Path,
     spec_json: serde_json::Value,
 ) -> Result<Built, VmmError> {
-    // 2. KVM and the VM.
+    let prebuilt = prebuild(&state.machine, mem, dir)?;
+    finish_build(prebuilt, state, spec_json)
+}
+
+/// A VM made from its machine configuration alone (phase one, steps 2-5 of the module
+/// documentation): the VM with its irqchip and PIT, guest RAM registered with KVM, the
+/// drive images open, the vCPUs created; no device attached and no state loaded.
+/// Dropping it discards all of that: none of it ever ran.
+pub(crate) struct Prebuilt {
+    machine: MachineConfig,
+    dir: PathBuf,
+    kvm: Kvm,
+    vm: VmFd,
+    mem: devices::GuestMemoryMmap,
+    /// One per drive, in `machine.drives` order, not yet behind a transport.
+    blocks: Vec<Block>,
+    vcpu_fds: Vec<VcpuFd>,
+}
+
+/// Phase one of a build: everything `machine` alone decides, around `mem` (guest RAM,
+/// which may still be filled afterwards: KVM maps the same pages, and no vCPU runs) and
+/// the drive images in `dir`, which must exist with their final size.
+pub(crate) fn prebuild(
+    machine: &MachineConfig,
+    mem: devices::GuestMemoryMmap,
+    dir: &Path,
+) -> Result<Prebuilt, VmmError> {
+    let mut laps = Laps::start();
+    // 2. KVM and the VM: TSS, irqchip and PIT exist before any vCPU (their LAPICs are
+    //    made in the kernel's irqchip).
     let (kvm, vm) = vm::create_vm()?;
+    laps.lap("create VM");
 
-    // 3. Memory, filled by the caller.
+    // 3. Memory, filled by the caller (before or after).
     memory::register_with_kvm(&vm, &mem)?;
+    laps.lap("register memory");
 
-    // 4. Devices.
-    let mut platform = vm::platform(&vm, Some(&state.devices.serial))?;
-    let mut devices: Vec<Box<dyn virtio::VirtioDevice + Send>> = Vec::new();
-    let mut disk_dirty = Vec::new();
-    for d in &state.machine.drives {
+    // 4. Drive images, opened (and locked) by their block devices; they are attached to
+    //    their transports in step 6, with the saved queue state.
+    let mut blocks = Vec::new();
+    for d in &machine.drives {
+        let cache = match d.cache.as_str() {
+            "none" => virtio::CacheMode::None,
+            "writeback" => virtio::CacheMode::Writeback,
+            other => {
+                return Err(VmmError::Device {
+                    id: d.id.clone(),
+                    reason: format!("unknown cache mode {other:?}"),
+                })
+            }
+        };
         let config = BlockConfig {
             id: d.id.clone(),
             path: dir.join(&d.file),
             read_only: d.read_only,
-            cache: if d.cache == "none" {
-                virtio::CacheMode::None
-            } else {
-                virtio::CacheMode::Writeback
-            },
+            cache,
         };
-        let block = Block::new(config).map_err(|e| VmmError::Device {
+        blocks.push(Block::new(config).map_err(|e| VmmError::Device {
             id: d.id.clone(),
             reason: e.to_string(),
-        })?;
-        disk_dirty.push(block.dirty());
+        })?);
+    }
+    laps.lap("open drives");
+
+    // 5. vCPUs: they must exist before the VM-wide state is restored (step 7).
+    let mut vcpu_fds = Vec::new();
+    for index in 0..machine.vcpus {
+        vcpu_fds.push(
+            vm.create_vcpu(u64::from(index))
+                .map_err(vm::kvm_err("KVM_CREATE_VCPU"))?,
+        );
+    }
+    laps.lap("create vCPUs");
+    tracing::info!("VM build, phase one: {laps}");
+    Ok(Prebuilt {
+        machine: machine.clone(),
+        dir: dir.to_owned(),
+        kvm,
+        vm,
+        mem,
+        blocks,
+        vcpu_fds,
+    })
+}
+
+/// Phase two of a build: `prebuilt` given `state` (whose machine must be the one it was
+/// built for), its vCPUs not started.
+pub(crate) fn finish_build(
+    prebuilt: Prebuilt,
+    state: VmState,
+    spec_json: serde_json::Value,
+) -> Result<Built, VmmError> {
+    let Prebuilt {
+        machine,
+        dir,
+        kvm,
+        vm,
+        mem,
+        blocks,
+        vcpu_fds,
+    } = prebuilt;
+    let mismatch = |reason: String| VmmError::StateMismatch { reason };
+    if state.machine != machine {
+        return Err(mismatch(format!(
+            "the state is of machine {:?}, the VM was built for {machine:?}",
+            state.machine
+        )));
+    }
+    let devices_expected = machine.drives.len() + machine.nets.len();
+    if state.devices.virtio.len() != devices_expected {
+        return Err(mismatch(format!(
+            "{} virtio transport states for {devices_expected} devices",
+            state.devices.virtio.len()
+        )));
+    }
+    if state.vcpus.len() != vcpu_fds.len() {
+        return Err(mismatch(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            vcpu_fds.len()
+        )));
+    }
+    let mut laps = Laps::start();
+
+    // 6. Devices: COM1 from its registers, the TAPs opened, each transport attached with
+    //    its saved queues (irqfds and ioeventfds registered as at boot).
+    let mut platform = vm::platform(&vm, Some(&state.devices.serial))?;
+    laps.lap("platform");
+    let disk_dirty = blocks.iter().map(Block::dirty).collect();
+    let mut devices: Vec<Box<dyn virtio::VirtioDevice + Send>> = Vec::new();
+    for block in blocks {
         devices.push(Box::new(block));
     }
     for n in &state.machine.nets {
@@ -335,6 +453,7 @@ pub(crate) fn build_from_state(
             }
         })?));
     }
+    laps.lap("open TAPs");
     let mut transports = Vec::new();
     for (i, (device, saved)) in devices.into_iter().zip(&state.devices.virtio).enumerate() {
         transports.push(vm::attach_virtio(
@@ -346,25 +465,24 @@ pub(crate) fn build_from_state(
             Some(saved),
         )?);
     }
+    laps.lap("attach transports");
 
-    // 5. vCPUs, the VM-wide state, each vCPU's state.
-    let mut vcpu_fds = Vec::new();
-    for index in 0..state.machine.vcpus {
-        vcpu_fds.push(
-            vm.create_vcpu(u64::from(index))
-                .map_err(vm::kvm_err("KVM_CREATE_VCPU"))?,
-        );
-    }
+    // 7. The VM-wide state (the vCPUs, and so their LAPICs, exist since step 5), then
+    //    each vCPU's state.
     state::restore_vm(&vm, &state.vm).map_err(VmmError::from)?;
+    laps.lap("restore VM state");
     for (index, (fd, saved)) in vcpu_fds.iter().zip(&state.vcpus).enumerate() {
         state::restore_vcpu(fd, index as u32, saved)?;
     }
+    laps.lap("restore vCPU state");
 
-    // 6. Queues, and interrupts the guest has not seen. Only now: an edge raised before
-    //    the IOAPIC and LAPICs were restored in step 5 was overwritten with them.
+    // 8. Queues, and interrupts the guest has not seen. Only now: an edge raised before
+    //    the IOAPIC and LAPICs were restored in step 7 was overwritten with them.
     for transport in &transports {
         lock(transport).resume();
     }
+    laps.lap("resume queues");
+    tracing::info!("VM build, phase two: {laps}");
     let drive_paths = state
         .machine
         .drives

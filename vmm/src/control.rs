@@ -33,6 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{ApiRequest, ApiResponse, Then};
 use crate::checkpoint;
 use crate::dirty::DirtyLog;
+use crate::laps::Laps;
 use crate::migration::{self, MigrationError, Report, ToVmm};
 use crate::vm::{Outcome, Vm};
 
@@ -168,16 +169,21 @@ impl Control {
                 ToVmm::Throttle(percent, answer) => {
                     let _ = answer.send(throttle_all(vm, percent));
                 }
-                ToVmm::Pause(answer) => {
+                ToVmm::Pause { dirty, state } => {
+                    // The last dirty log goes back as soon as the vCPUs are paused, so the
+                    // migration thread sends the last pages while the state is read here:
+                    // reading it writes no guest memory, and no device runs meanwhile.
+                    let mut laps = Laps::start();
                     let paused = pause_all(vm).map(|()| migration.paused = true);
-                    let result = paused
-                        .and_then(|()| collect(migration, vm))
-                        .and_then(|dirty| {
-                            checkpoint::capture_state(vm)
-                                .map(|state| (dirty, state))
-                                .map_err(|e| e.to_string())
-                        });
-                    let _ = answer.send(result);
+                    laps.lap("pause vCPUs");
+                    let last = paused.and_then(|()| collect(migration, vm));
+                    laps.lap("last dirty log");
+                    if dirty.send(last).is_ok() {
+                        let captured =
+                            checkpoint::capture_state(vm, &mut laps).map_err(|e| e.to_string());
+                        let _ = state.send(captured);
+                    }
+                    tracing::info!("stop-and-copy, VMM thread: {laps}");
                     // Stop-and-copy: nothing but the migration's end until it ends.
                     let end = match migration.requests.recv() {
                         Ok(ToVmm::Finished(result)) => result,

@@ -13,6 +13,7 @@ pub mod checkpoint;
 mod control;
 pub mod cpuid;
 pub mod dirty;
+mod laps;
 pub mod layout;
 pub mod memory;
 pub mod migration;
@@ -92,6 +93,12 @@ pub enum VmmError {
         /// The snapshot directory.
         dir: PathBuf,
         /// What is wrong, with the offending value.
+        reason: String,
+    },
+    /// A saved state does not fit the VM built for it; nothing was started.
+    #[error("the saved state does not fit the VM built for it: {reason}")]
+    StateMismatch {
+        /// What differs, with both values.
         reason: String,
     },
     /// Restoring KVM state failed.

@@ -8,11 +8,15 @@
 //!    the TLS handshake); the source opens the one stream.
 //! 3. On the Hello: the memory layout must be the one this hospes builds for that much
 //!    RAM, and every drive image must be new in the receive directory. Guest memory (fresh,
-//!    zeroed) and sparse drive images of the announced sizes are made, then HelloAck.
-//! 4. Pages and blocks are written as they arrive (the `Receiver` has checked each one).
-//! 5. On Done (the hash matched): the VM is built from the State frame (`checkpoint::
-//!    build_from_state`) without starting its vCPUs. If the build fails the source is told
-//!    to resume (Abort).
+//!    zeroed) and sparse drive images of the announced sizes are made, and the VM is
+//!    built as far as its configuration alone allows (`checkpoint::prebuild`: the KVM VM,
+//!    memory registered, drive images open, vCPUs created), so that the source's pause
+//!    does not wait for it; then HelloAck. Whatever fails here refuses the Hello.
+//! 4. Pages and blocks are written as they arrive (the `Receiver` has checked each one),
+//!    into the memory KVM already maps (no vCPU runs) and the drive images.
+//! 5. On Done (the hash matched): the build is finished from the State frame
+//!    (`checkpoint::finish_build`: devices, TAPs, VM and vCPU state, queues) without
+//!    starting its vCPUs. If that fails the source is told to resume (Abort).
 //! 6. Ready goes back, and the source answers Commit once it has stopped for good.
 //! 7. Commit: the vCPUs start; the VM is this side's from now on.
 //!
@@ -25,7 +29,7 @@ use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use p2p::wire::{Event, Receiver, Sink, BLOCK_SIZE};
 use p2p::{Endpoint, Identity, PeerId};
@@ -60,6 +64,8 @@ pub struct ReceiveOptions {
 /// Where received pages and blocks go.
 struct Target {
     mem: Option<devices::GuestMemoryMmap>,
+    /// The VM built from the Hello, waiting for its state.
+    prebuilt: Option<checkpoint::Prebuilt>,
     disks: Vec<File>,
     /// Drive images made here, deleted unless the VM runs.
     made: Vec<PathBuf>,
@@ -67,6 +73,8 @@ struct Target {
 
 impl Target {
     fn discard(&mut self) {
+        // The VM never ran: closing its file descriptors is all there is to it.
+        self.prebuilt = None;
         self.disks.clear();
         for path in self.made.drain(..) {
             if let Err(e) = std::fs::remove_file(&path) {
@@ -143,6 +151,7 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
     let mut receiver = Receiver::new();
     let mut target = Target {
         mem: None,
+        prebuilt: None,
         disks: Vec::new(),
         made: Vec::new(),
     };
@@ -165,20 +174,25 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
     };
 
     // 5.
-    let mem = target
-        .mem
-        .take()
-        .ok_or_else(|| MigrationError::Unacceptable("the stream ended without a Hello".into()))?;
+    let done = Instant::now();
+    // Every page and block is in: the VM's own handles are the only ones needed now.
+    target.mem = None;
     target.disks.clear();
-    let built = checkpoint::check_layout(&options.dir, &state).and_then(|()| {
-        let spec_json = serde_json::json!({
-            "migrated_from": conn.remote_address().to_string(),
-            "machine": state.machine,
-        });
-        checkpoint::build_from_state(*state, mem, &options.dir, spec_json)
-    });
+    let built = match target.prebuilt.take() {
+        Some(prebuilt) => checkpoint::check_layout(&options.dir, &state).and_then(|()| {
+            let spec_json = serde_json::json!({
+                "migrated_from": conn.remote_address().to_string(),
+                "machine": state.machine,
+            });
+            checkpoint::finish_build(prebuilt, *state, spec_json)
+        }),
+        None => Err(MigrationError::Unacceptable("the stream ended without a Hello".into()).into()),
+    };
     let built = match built {
-        Ok(built) => built,
+        Ok(built) => {
+            tracing::info!("Done to VM built: {:.1} ms", super::ms(done.elapsed()));
+            built
+        }
         Err(e) => {
             let _ = receiver.abort(&mut out, &format!("the destination cannot run the VM: {e}"));
             let _ = out.stream.finish();
@@ -210,11 +224,13 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
     }
     // 7. The source has stopped for good: the guest runs here from now on, whatever
     // happens to the connection, which is wound down on the side.
+    // Ending our stream tells the source that Commit arrived (often before QUIC's
+    // acknowledgement does); nothing follows Ready on it anyway.
+    let _ = out.stream.finish();
     tracing::info!("Commit received: starting the VM");
     std::thread::spawn(move || {
         let mut rest = Vec::new();
         let _ = input.read_to_end(&mut rest);
-        let _ = out.stream.finish();
         rt.block_on(async {
             let _ = tokio::time::timeout(CLOSE_WAIT, conn.closed()).await;
         });
@@ -290,7 +306,8 @@ fn receive_stream(
     }
 }
 
-/// Step 3: memory and drive images for the VM a Hello announced.
+/// Step 3: memory, drive images and the VM's first build phase for the VM a Hello
+/// announced; the reason to refuse it otherwise.
 fn prepare(
     config: &p2p::wire::MigrationConfig,
     dir: &Path,
@@ -334,6 +351,11 @@ fn prepare(
         })?;
         target.disks.push(file);
     }
+    // The VM as far as the configuration alone builds it; the pages go into the memory
+    // it maps from now on.
+    let prebuilt = checkpoint::prebuild(&config.machine, mem.clone(), dir)
+        .map_err(|e| format!("cannot build this VM here: {e}"))?;
+    target.prebuilt = Some(prebuilt);
     target.mem = Some(mem);
     Ok(())
 }

@@ -19,23 +19,29 @@
 //!    dirty-block bitmap emptied, *before* round 0 reads anything: a write after that is
 //!    in the next round's set, a write before it is in what round 0 reads.
 //! 3. Round 0: every non-zero page and disk block. Rounds 1..: what was dirtied since.
-//! 4. Before each round: the dirty set's bytes plus what is still unsent in the QUIC
-//!    buffers, over the bandwidth measured so far (UDP bytes out per second since the
-//!    Hello), is the downtime stop-and-copy would cost. Within the budget: go to 5. After
-//!    [`MAX_ROUNDS`] rounds without that: abort (the guest dirties memory faster than the
-//!    link carries it).
-//! 5. Stop-and-copy: the VMM thread pauses the vCPUs, takes the last dirty log and the
-//!    vCPU, VM and device state, and then blocks until the migration ends, so no device
-//!    touches guest memory or disks any more. The migration thread takes the last dirty
-//!    blocks (block I/O completes on the VMM thread, so none is in flight), sends the
-//!    pending and last pages and blocks as the final round, the state, and Done with the
-//!    hash of every frame.
-//! 6. The destination checks the hash, builds the VM exactly as a restore does, without
+//! 4. Before each round, the downtime stop-and-copy would cost now ([`Estimate`]): the
+//!    dirty set's bytes plus what is still unsent in the QUIC buffers, over the bandwidth
+//!    measured so far (UDP bytes out per second since the Hello), plus the fixed costs
+//!    no round makes smaller (the round trips of Ready and Commit, pausing and reading
+//!    the state). [`decide`] stops when that fits the budget, or when the bytes alone fit
+//!    it and no longer shrink (the fixed costs alone are over the budget: more rounds
+//!    would not help); after [`MAX_ROUNDS`] rounds without either it aborts (the guest
+//!    dirties memory faster than the link carries it).
+//! 5. Stop-and-copy: the VMM thread pauses the vCPUs and takes the last dirty log, which
+//!    it hands over at once; then it reads the vCPU, VM and device state (which writes no
+//!    guest memory) while the migration thread sends the last pages, and then blocks
+//!    until the migration ends, so no device touches guest memory or disks any more. The
+//!    migration thread takes the last dirty blocks (block I/O completes on the VMM thread,
+//!    so none is in flight), sends the pending and last pages and blocks as the final
+//!    round, then the state once it has it, and Done with the hash of every frame.
+//! 6. The destination checks the hash, finishes building the VM exactly as a restore
+//!    does (it built what the configuration alone decides when the Hello arrived), without
 //!    starting its vCPUs, and answers Ready.
 //! 7. On Ready the source commits: from here on it never resumes its copy. It sends
 //!    Commit, finishes the stream and waits until QUIC reports every byte of it
-//!    acknowledged by the destination, which starts the vCPUs when Commit arrives. Then
-//!    the source stops (exit with [`crate::vm::Outcome::Migrated`]).
+//!    acknowledged by the destination, or until the destination ends its own stream,
+//!    which it does once it has read Commit, and starts the vCPUs. Then the source stops
+//!    (exit with [`crate::vm::Outcome::Migrated`]).
 //!
 //! Any failure before Commit (refused, connection lost, destination killed, a bad or
 //! truncated stream, a timeout) ends the migration thread with an error; the VMM thread
@@ -47,9 +53,9 @@
 //! says so, rather than risk running it twice; the operator resumes it only after making
 //! sure the destination does not run it.
 //!
-//! On the destination (`destination`), one thread does it all: guest memory and sparse
-//! drive images are made when the Hello arrives, filled as frames arrive, and thrown away
-//! on any failure before the VM runs.
+//! On the destination (`destination`), one thread does it all: guest memory, sparse
+//! drive images and the VM's first build phase are made when the Hello arrives, filled as
+//! frames arrive, and thrown away on any failure before the VM runs.
 
 pub mod destination;
 pub(crate) mod source;
@@ -82,9 +88,15 @@ pub(crate) enum ToVmm {
     Collect(Sender<Result<Vec<DirtyRegion>, String>>),
     /// Throttle every vCPU to this percentage of time outside the guest (auto-converge).
     Throttle(u32, Sender<Result<(), String>>),
-    /// Pause the vCPUs; the last dirty pages and the VM's state. The VMM thread then waits
-    /// for `Finished` and handles nothing else.
-    Pause(Sender<Result<(Vec<DirtyRegion>, VmState), String>>),
+    /// Pause the vCPUs and answer the last dirty pages on `dirty` at once, then the VM's
+    /// state on `state` (nothing there if the pause failed). The VMM thread then waits for
+    /// `Finished` and handles nothing else.
+    Pause {
+        /// The last dirty pages.
+        dirty: Sender<Result<Vec<DirtyRegion>, String>>,
+        /// The vCPU, VM and device state, read with the vCPUs paused.
+        state: Sender<Result<VmState, String>>,
+    },
     /// The migration ended: `Ok` once the destination runs the VM.
     Finished(Result<Report, MigrationError>),
 }
@@ -237,7 +249,148 @@ pub enum MigrationError {
     InDoubt(String),
 }
 
+/// The downtime stop-and-copy would cost, as the source estimates it before a round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// Dirty bytes plus what is queued and not yet on the wire.
+    pub bytes: u64,
+    /// Sending them at the measured bandwidth.
+    pub bytes_time: Duration,
+    /// What no round makes smaller: pausing and reading the state, the round trips of
+    /// Ready and Commit, the destination finishing its build.
+    pub fixed: Duration,
+}
+
+impl Estimate {
+    /// `bytes` at `bandwidth` bytes per second, plus `fixed`.
+    pub fn new(bytes: u64, bandwidth: f64, fixed: Duration) -> Self {
+        Self {
+            bytes,
+            bytes_time: Duration::from_secs_f64(bytes as f64 / bandwidth.max(1.0)),
+            fixed,
+        }
+    }
+
+    /// The whole downtime.
+    pub fn downtime(&self) -> Duration {
+        self.bytes_time + self.fixed
+    }
+}
+
+/// What pre-copy does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Another round.
+    Continue,
+    /// Pause and send the rest.
+    StopAndCopy,
+    /// Abort: pre-copy does not converge.
+    GiveUp,
+}
+
+/// A round that leaves more than this fraction of the previous round's bytes did not
+/// shrink what stop-and-copy sends.
+const STALLED: f64 = 0.75;
+
+/// What to do after `rounds` rounds, given `now` and the estimate before the previous
+/// round (`None` after round 0). Stop when the whole downtime fits `budget`; also when
+/// the bytes' share alone fits it and more rounds cannot lower it (nothing left, or it
+/// stopped shrinking): then only the fixed costs are over the budget, and no round
+/// changes those. Otherwise another round, up to [`MAX_ROUNDS`] of them.
+pub fn decide(
+    now: Estimate,
+    previous: Option<Estimate>,
+    budget: Duration,
+    rounds: u32,
+) -> Decision {
+    if now.downtime() <= budget {
+        return Decision::StopAndCopy;
+    }
+    let stalled = now.bytes == 0
+        || previous.is_some_and(|p| now.bytes as f64 >= p.bytes as f64 * STALLED)
+        || rounds > MAX_ROUNDS;
+    if now.bytes_time <= budget && stalled {
+        return Decision::StopAndCopy;
+    }
+    if rounds > MAX_ROUNDS {
+        return Decision::GiveUp;
+    }
+    Decision::Continue
+}
+
 /// A pause long enough to read, in whole milliseconds and a fraction.
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+    const BUDGET: Duration = Duration::from_millis(50);
+
+    /// `bytes` at 1 MB/s (1000 bytes a millisecond), with `fixed_ms` of fixed costs.
+    fn at(bytes: u64, fixed_ms: u32) -> Estimate {
+        Estimate::new(bytes, 1e6, fixed_ms * MS)
+    }
+
+    #[test]
+    fn the_estimate_adds_the_fixed_costs_to_the_bytes_time() {
+        let e = at(20_000, 15);
+        assert_eq!(e.bytes_time, 20 * MS);
+        assert_eq!(e.downtime(), 35 * MS);
+    }
+
+    #[test]
+    fn it_stops_when_bytes_and_fixed_costs_fit_the_budget() {
+        assert_eq!(
+            decide(at(30_000, 20), None, BUDGET, 1),
+            Decision::StopAndCopy
+        );
+        assert_eq!(decide(at(31_000, 20), None, BUDGET, 1), Decision::Continue);
+    }
+
+    #[test]
+    fn fixed_costs_count_against_the_budget_while_rounds_still_shrink_the_bytes() {
+        // 40 ms of bytes alone would have fit; with 20 ms fixed it does not, and the
+        // bytes are still shrinking fast: another round.
+        let previous = at(100_000, 20);
+        assert_eq!(
+            decide(at(40_000, 20), Some(previous), BUDGET, 2),
+            Decision::Continue
+        );
+    }
+
+    #[test]
+    fn fixed_costs_over_the_budget_still_converge_once_the_bytes_stop_shrinking() {
+        // 80 ms fixed: the budget cannot be met. Bytes that fit and no longer shrink (or
+        // nothing left at all) stop pre-copy rather than run into MAX_ROUNDS.
+        let previous = at(10_000, 80);
+        assert_eq!(
+            decide(at(9_000, 80), Some(previous), BUDGET, 2),
+            Decision::StopAndCopy
+        );
+        assert_eq!(decide(at(0, 80), None, BUDGET, 1), Decision::StopAndCopy);
+        // Still shrinking by more than a quarter: one more round may help.
+        assert_eq!(
+            decide(at(5_000, 80), Some(previous), BUDGET, 2),
+            Decision::Continue
+        );
+        // Stalled, but the bytes alone are over the budget: not converged yet.
+        let big = at(200_000, 80);
+        assert_eq!(decide(big, Some(big), BUDGET, 2), Decision::Continue);
+    }
+
+    #[test]
+    fn after_max_rounds_it_stops_if_the_bytes_fit_else_gives_up() {
+        let e = at(40_000, 80);
+        assert_eq!(
+            decide(e, None, BUDGET, MAX_ROUNDS + 1),
+            Decision::StopAndCopy
+        );
+        let e = at(60_000, 0);
+        assert_eq!(decide(e, None, BUDGET, MAX_ROUNDS), Decision::Continue);
+        assert_eq!(decide(e, None, BUDGET, MAX_ROUNDS + 1), Decision::GiveUp);
+    }
 }

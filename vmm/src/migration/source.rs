@@ -18,10 +18,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::stream::{runtime, StreamReader, StreamWriter};
 use super::{
-    MigrationError, Progress, Report, RoundReport, ToVmm, COMMIT_WAIT, CONNECT_TIMEOUT, MAX_ROUNDS,
+    decide, Decision, Estimate, MigrationError, Progress, Report, RoundReport, ToVmm, COMMIT_WAIT,
+    CONNECT_TIMEOUT,
 };
 use crate::api::{Converge, MigrateRequest};
 use crate::dirty::DirtyRegion;
+use crate::laps::Laps;
 use crate::vm::Vm;
 
 /// Pages read from guest memory at once in round 0.
@@ -43,6 +45,19 @@ const THROTTLE_MAX: u32 = 99;
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long to let queued data drain before deciding a round, at most.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+/// The downtime no pre-copy round makes smaller, from what the source can measure:
+/// - two round trips at the connection's `rtt` (quinn's smoothed estimate, which includes
+///   the time data waits in the peer's buffers): the last bytes reach the destination
+///   half a round trip after they leave, Ready takes another half back, and Commit and
+///   its acknowledgement a whole one;
+/// - the time the VMM thread took to answer the last Collect (`collect`), as the cost of
+///   reaching it with the Pause and taking the last dirty log. Reading the state, sending
+///   it and the destination's last build phase are not measured before the pause and
+///   not counted: the estimate is a lower bound.
+fn fixed_costs(rtt: Duration, collect: Duration) -> Duration {
+    2 * rtt + collect
+}
 
 /// One drive as the migration thread reads it.
 struct Disk {
@@ -341,6 +356,8 @@ impl Source {
         let mut pending = Pending::default();
         let mut collected = Instant::now();
         let mut throttle = 0;
+        let mut previous = None;
+        let expected;
         loop {
             // Let most of what is queued leave first: it is part of the downtime otherwise.
             let waiting = Instant::now();
@@ -349,13 +366,16 @@ impl Source {
             {
                 std::thread::sleep(Duration::from_millis(2));
             }
+            let asked = Instant::now();
             pending.add_pages(self.ask(ToVmm::Collect)?);
+            let collect_time = asked.elapsed();
             pending.add_blocks(&self.disks);
             let dirty_rate = pending.bytes() as f64 / collected.elapsed().as_secs_f64().max(1e-3);
             collected = Instant::now();
             let bw = bandwidth();
             let left = pending.bytes() + queued(out);
-            let estimate = Duration::from_secs_f64(left as f64 / bw);
+            let fixed = fixed_costs(conn.rtt(), collect_time);
+            let estimate = Estimate::new(left, bw, fixed);
             let rounds = per_round.len() as u32;
             self.progress(|p| {
                 p.round = rounds;
@@ -363,26 +383,35 @@ impl Source {
                 p.bandwidth_bytes_per_s = bw as u64;
                 p.dirty_bytes_per_s = dirty_rate as u64;
                 p.remaining_bytes = left;
-                p.expected_downtime_ms = super::ms(estimate);
+                p.expected_downtime_ms = super::ms(estimate.downtime());
             });
+            let decision = decide(estimate, previous, budget, rounds);
             tracing::info!(
-                "after round {}: {left} bytes to go at {:.1} MB/s (dirtied at {:.1} MB/s): {:.1} ms",
+                "after round {}: {left} bytes to go at {:.1} MB/s (dirtied at {:.1} MB/s): \
+                 {:.1} ms + fixed {:.1} ms (RTT {:.1} ms, Collect {:.1} ms): {decision:?}",
                 rounds - 1,
                 bw / 1e6,
                 dirty_rate / 1e6,
-                super::ms(estimate)
+                super::ms(estimate.bytes_time),
+                super::ms(fixed),
+                super::ms(conn.rtt()),
+                super::ms(collect_time),
             );
-            if estimate <= budget {
-                break;
-            }
-            if rounds > MAX_ROUNDS {
-                return Err(MigrationError::NotConverged {
-                    rounds,
-                    pending: left,
-                    bandwidth: bw as u64,
-                    estimate,
-                    budget,
-                });
+            match decision {
+                Decision::StopAndCopy => {
+                    expected = estimate;
+                    break;
+                }
+                Decision::GiveUp => {
+                    return Err(MigrationError::NotConverged {
+                        rounds,
+                        pending: left,
+                        bandwidth: bw as u64,
+                        estimate: estimate.downtime(),
+                        budget,
+                    })
+                }
+                Decision::Continue => previous = Some(estimate),
             }
             if self.request.converge == Converge::Throttle
                 && rounds >= THROTTLE_AFTER_ROUNDS
@@ -408,38 +437,62 @@ impl Source {
         let bandwidth = bandwidth() as u64;
         self.progress(|p| p.phase = "stop-and-copy");
         let paused = Instant::now();
-        let (last, state) = self.ask(ToVmm::Pause)?;
+        let mut laps = Laps::start();
+        let (dirty_tx, dirty_rx) = channel();
+        let (state_tx, state_rx) = channel();
+        self.tell(ToVmm::Pause {
+            dirty: dirty_tx,
+            state: state_tx,
+        });
+        let gone = || MigrationError::Vmm("the VMM thread did not answer".into());
+        let last = dirty_rx
+            .recv()
+            .map_err(|_| gone())?
+            .map_err(MigrationError::Vmm)?;
+        laps.lap("pause+dirty log (VMM thread)");
         pending.add_pages(last);
         pending.add_blocks(&self.disks);
+        let before = out.bytes;
+        // The VMM thread reads the state meanwhile.
         round(&mut per_round, sender, out, &|s, o| {
             self.send_pending(s, o, &pending)
         })?;
+        laps.lap("last round");
+        let last_round_bytes = out.bytes - before;
+        let state = state_rx
+            .recv()
+            .map_err(|_| gone())?
+            .map_err(MigrationError::Vmm)?;
+        laps.lap("rest of the capture");
         sender.state(out, &state)?;
         sender.done(out)?;
-        let sent = Instant::now();
+        laps.lap("state+done");
+        let state_bytes = out.bytes - before - last_round_bytes;
         // Step 6: the destination has everything and has built the VM. What is still
         // queued has to reach it first, at whatever the link does now.
         input.timeout = READY_TIMEOUT;
         sender.read_ready(input)?;
-        let ready = Instant::now();
+        laps.lap("wait for Ready");
         // Step 7, the point of no return. A Commit that could not even be written never
         // reaches the destination (a partial frame is discarded there): the guest may
         // still resume here. Once written, only its acknowledgement tells.
         self.progress(|p| p.phase = "commit");
         sender.commit(out)?;
-        let confirmed = out.confirm(COMMIT_WAIT);
+        let confirmed = out.confirm(input, COMMIT_WAIT);
         if self.commit_unacked {
             return Err(MigrationError::InDoubt(format!(
                 "HOSPES_FAULT=commit-unacked: the acknowledgement of Commit ({confirmed:?}) is taken as lost"
             )));
         }
         confirmed.map_err(MigrationError::InDoubt)?;
+        laps.lap("Commit acknowledged");
         let downtime = paused.elapsed();
         tracing::info!(
-            "final round sent in {:.1} ms, destination ready after {:.1} ms, Commit acknowledged after {:.1} ms",
-            super::ms(sent - paused),
-            super::ms(ready - paused),
-            super::ms(downtime)
+            "stop-and-copy: {laps}; last round {last_round_bytes} bytes, state {state_bytes} bytes, \
+             RTT {:.1} ms; expected {:.1} ms ({:.1} ms of it fixed)",
+            super::ms(conn.rtt()),
+            super::ms(expected.downtime()),
+            super::ms(expected.fixed),
         );
         Ok(Report {
             rounds: per_round.len() as u32,

@@ -51,18 +51,45 @@ impl StreamWriter {
         }
     }
 
-    /// Ends the stream and waits until the peer has acknowledged every byte of it (its
-    /// QUIC stack received them; the peer process reads them next).
-    pub(crate) fn confirm(&mut self, wait: Duration) -> Result<(), String> {
+    /// Ends the stream and waits until the peer has received every byte of it: until its
+    /// QUIC stack acknowledged them all, or until it ended its own stream, `input`, with
+    /// nothing more on it, whichever comes first. The destination ends its stream only
+    /// once it has read Commit (step 7 of the parent module); its end usually arrives
+    /// before the acknowledgement, which a QUIC receiver may delay (`max_ack_delay`, 25 ms
+    /// by default). Anything else on `input` (data, an error) leaves only the
+    /// acknowledgement to wait for.
+    pub(crate) fn confirm(
+        &mut self,
+        input: &mut StreamReader,
+        wait: Duration,
+    ) -> Result<(), String> {
         self.stream.finish().map_err(|e| e.to_string())?;
-        let stream = &mut self.stream;
+        let (stream, recv) = (&mut self.stream, &mut input.stream);
+        let peer_finished = async {
+            let mut buf = [0u8; 64];
+            match recv.read(&mut buf).await {
+                Ok(None) => (),
+                Ok(Some(_)) | Err(_) => std::future::pending().await,
+            }
+        };
+        let acknowledged = async {
+            match stream.stopped().await {
+                Ok(None) => Ok(()),
+                Ok(Some(code)) => Err(format!("the peer stopped the stream with code {code}")),
+                Err(e) => Err(describe(&e)),
+            }
+        };
+        let confirmed = async {
+            tokio::select! {
+                () = peer_finished => Ok(()),
+                result = acknowledged => result,
+            }
+        };
         match self
             .rt
-            .block_on(async { tokio::time::timeout(wait, stream.stopped()).await })
+            .block_on(async { tokio::time::timeout(wait, confirmed).await })
         {
-            Ok(Ok(None)) => Ok(()),
-            Ok(Ok(Some(code))) => Err(format!("the peer stopped the stream with code {code}")),
-            Ok(Err(e)) => Err(describe(&e)),
+            Ok(result) => result,
             Err(_) => Err(format!("no acknowledgement within {wait:?}")),
         }
     }
