@@ -450,7 +450,6 @@ impl Test<'_> {
 }
 
 #[test]
-#[ignore = "two L2s, about 13 min for the file: run by hand (cargo test --test migration_hosts -- --ignored --test-threads 1)"]
 fn an_idle_guest_moves_to_the_other_host_and_the_source_exits_0() {
     let mut guard = hosts();
     let mut t = Test::new(&mut guard, "idle");
@@ -541,7 +540,6 @@ fn block_md5s(out: &str, tag: &str) -> Vec<String> {
 }
 
 #[test]
-#[ignore = "two L2s, about 13 min for the file: run by hand (cargo test --test migration_hosts -- --ignored --test-threads 1)"]
 fn a_guest_dirtying_64_mib_and_its_disk_moves_without_losing_a_byte() {
     let mut guard = hosts();
     let mut t = Test::new(&mut guard, "dirty");
@@ -671,7 +669,6 @@ fn a_guest_dirtying_64_mib_and_its_disk_moves_without_losing_a_byte() {
 }
 
 #[test]
-#[ignore = "two L2s, about 13 min for the file: run by hand (cargo test --test migration_hosts -- --ignored --test-threads 1)"]
 fn a_tcp_client_on_the_source_host_finds_the_guest_server_on_the_destination() {
     let mut guard = hosts();
     let mut t = Test::new(&mut guard, "tcp");
@@ -781,7 +778,6 @@ const MID_STREAM: &str = "w=0; while true; do k=$(du -k dst/disk-data.img 2>/dev
      alive dst || { echo 'destination gone'; exit 1; }; sleep 0.05; done; echo at_kib=$k";
 
 #[test]
-#[ignore = "two L2s, about 13 min for the file: run by hand (cargo test --test migration_hosts -- --ignored --test-threads 1)"]
 fn a_destination_killed_mid_stream_leaves_the_guest_on_the_source() {
     let mut guard = hosts();
     let mut t = Test::new(&mut guard, "killed");
@@ -793,7 +789,6 @@ fn a_destination_killed_mid_stream_leaves_the_guest_on_the_source() {
 }
 
 #[test]
-#[ignore = "two L2s, about 13 min for the file: run by hand (cargo test --test migration_hosts -- --ignored --test-threads 1)"]
 fn a_link_cut_mid_stream_leaves_the_guest_on_the_source() {
     let mut guard = hosts();
     let mut t = Test::new(&mut guard, "cut");
@@ -820,7 +815,6 @@ fn a_link_cut_mid_stream_leaves_the_guest_on_the_source() {
 }
 
 #[test]
-#[ignore = "two L2s, about 13 min for the file: run by hand (cargo test --test migration_hosts -- --ignored --test-threads 1)"]
 fn a_destination_that_does_not_trust_the_source_refuses_it() {
     let mut guard = hosts();
     let mut t = Test::new(&mut guard, "untrusted");
@@ -833,7 +827,6 @@ fn a_destination_that_does_not_trust_the_source_refuses_it() {
 }
 
 #[test]
-#[ignore = "two L2s, about 13 min for the file: run by hand (cargo test --test migration_hosts -- --ignored --test-threads 1)"]
 fn a_corrupted_frame_is_detected_and_the_guest_stays_on_the_source() {
     let mut guard = hosts();
     let mut t = Test::new(&mut guard, "corrupt");
