@@ -108,7 +108,7 @@ fn interrupt_acked_before_the_save_is_not_raised_again() {
     let mut d = busy_driver(&mem);
     d.write(REG_INTERRUPT_ACK, INTERRUPT_USED_RING);
     let (device, _) = dummy();
-    let mut d = d.save_and_restore(|| device).unwrap();
+    let d = d.save_and_restore(|| device).unwrap();
     d.t().resume();
     assert_eq!(d.interrupts(), 0);
 }
