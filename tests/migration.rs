@@ -3,35 +3,16 @@
 //! read back) with a drive and a TAP must continue on the destination; refused or broken
 //! migrations must leave it running on the source.
 
-use std::sync::MutexGuard;
 use std::time::Duration;
 
-use rig::L2;
-
 mod common;
-use common::{assert_consistent, counters, section, value};
+use common::{assert_consistent, assert_continues, counters, section, value};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
 
-fn l2() -> MutexGuard<'static, L2> {
-    common::l2_with_data_disk()
-}
-
-/// Runs `script` in a fresh directory /data/<dir> of L2 and returns its output; panics
-/// with the output when it exits non-zero.
+/// Runs `script` after the shell helpers in a fresh directory /data/<dir> of the L2.
 fn sh(dir: &str, script: &str) -> String {
-    let mut l2 = l2();
-    let out = l2
-        .run(
-            &format!(
-                "export HOSPES_GUEST_DIR=/guest; rm -rf /data/{dir}; mkdir -p /data/{dir}; \
-                 cd /data/{dir}; {COMMON}\n(\n{script}\n); rc=$?; cd /; rm -rf /data/{dir}; exit $rc"
-            ),
-            TIMEOUT,
-        )
-        .unwrap_or_else(|e| panic!("rig command failed: {e}\nL2 console:\n{}", l2.console_log()));
-    assert_eq!(out.status, 0, "script failed:\n{}", out.output);
-    out.output
+    common::sh(dir, COMMON, script, TIMEOUT)
 }
 
 /// Shell helpers for the scripts: the counting guest's spec, and waiting for its output.
@@ -132,11 +113,7 @@ fn a_migrated_guest_continues_its_counter_disk_and_network_and_the_source_exits_
     let after = counters(section(&out, "OUT1"));
     assert_consistent("source", &before, &out);
     assert_consistent("destination", &after, &out);
-    let (last, first) = (before.last().unwrap().0, after[0].0);
-    assert!(
-        first == last + 1 || first == last + 2,
-        "counter went from {last} to {first}:\n{out}"
-    );
+    assert_continues("migration", &before, &after, &out);
 }
 
 #[test]
@@ -229,11 +206,7 @@ fn a_commit_whose_acknowledgement_is_lost_keeps_the_source_paused_and_the_guest_
     let after = counters(section(&out, "OUT1"));
     assert_consistent("source", &before, &out);
     assert_consistent("destination", &after, &out);
-    let (last, first) = (before.last().unwrap().0, after[0].0);
-    assert!(
-        first == last + 1 || first == last + 2,
-        "counter went from {last} to {first}:\n{out}"
-    );
+    assert_continues("migration", &before, &after, &out);
 }
 
 #[test]

@@ -3,35 +3,16 @@
 //! its disk with O_DIRECT and reading it back; a snapshot restored in a new process must
 //! continue that counter, its disk, its network and its console.
 
-use std::sync::MutexGuard;
 use std::time::Duration;
 
-use rig::L2;
-
 mod common;
-use common::{assert_consistent, counters, section, value};
+use common::{assert_consistent, assert_continues, counters, section, value};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
-fn l2() -> MutexGuard<'static, L2> {
-    common::l2_with_data_disk()
-}
-
-/// Runs `script` in a fresh directory /data/<dir> of L2 and returns its output; panics
-/// with the output when it exits non-zero.
+/// Runs `script` after the shell helpers in a fresh directory /data/<dir> of the L2.
 fn sh(dir: &str, script: &str) -> String {
-    let mut l2 = l2();
-    let out = l2
-        .run(
-            &format!(
-                "export HOSPES_GUEST_DIR=/guest; rm -rf /data/{dir}; mkdir -p /data/{dir}; \
-                 cd /data/{dir}; {COMMON}\n(\n{script}\n); rc=$?; cd /; rm -rf /data/{dir}; exit $rc"
-            ),
-            TIMEOUT,
-        )
-        .unwrap_or_else(|e| panic!("rig command failed: {e}\nL2 console:\n{}", l2.console_log()));
-    assert_eq!(out.status, 0, "script failed:\n{}", out.output);
-    out.output
+    common::sh(dir, COMMON, script, TIMEOUT)
 }
 
 /// Shell helpers for the scripts: the counting guest's spec, and waiting for its output.
@@ -105,13 +86,7 @@ fn a_restored_guest_continues_its_counter_disk_network_and_console_twice_in_a_ro
         assert_consistent(&format!("run {i}"), c, &out);
     }
     for i in 1..runs.len() {
-        let last = runs[i - 1].last().unwrap().0;
-        let first = runs[i][0].0;
-        // A line cut in half by the snapshot is not counted on either side.
-        assert!(
-            first == last + 1 || first == last + 2,
-            "restore {i}: counter went from {last} to {first}:\n{out}"
-        );
+        assert_continues(&format!("restore {i}"), &runs[i - 1], &runs[i], &out);
     }
 }
 
@@ -223,7 +198,7 @@ fn every_corrupt_snapshot_exits_2_says_why_and_starts_nothing() {
             make = c.make
         ));
     }
-    let mut l2 = l2();
+    let mut l2 = common::l2_with_data_disk();
     let out = l2
         .run(
             &format!(

@@ -1,6 +1,7 @@
 //! What the end-to-end test binaries share: the L2 they run hospes in.
 
 use std::sync::MutexGuard;
+use std::time::Duration;
 
 use rig::{RigConfig, L2};
 
@@ -19,6 +20,24 @@ pub fn l2_with_data_disk() -> MutexGuard<'static, L2> {
             .add_file(guest.join("initramfs.cpio.gz"), "/guest/initramfs.cpio.gz")
     })
     .expect("L2 boots")
+}
+
+/// Runs `prelude` and then `script` in a fresh directory /data/<dir> of the shared L2 and
+/// returns the output; panics with it when the script exits non-zero.
+#[allow(dead_code)]
+pub fn sh(dir: &str, prelude: &str, script: &str, timeout: Duration) -> String {
+    let mut l2 = l2_with_data_disk();
+    let out = l2
+        .run(
+            &format!(
+                "export HOSPES_GUEST_DIR=/guest; rm -rf /data/{dir}; mkdir -p /data/{dir}; \
+                 cd /data/{dir}; {prelude}\n(\n{script}\n); rc=$?; cd /; rm -rf /data/{dir}; exit $rc"
+            ),
+            timeout,
+        )
+        .unwrap_or_else(|e| panic!("rig command failed: {e}\nL2 console:\n{}", l2.console_log()));
+    assert_eq!(out.status, 0, "script failed:\n{}", out.output);
+    out.output
 }
 
 // The counting guest's output (tests/snapshot.rs, tests/migration.rs): not every test
@@ -68,4 +87,15 @@ pub fn assert_consistent(name: &str, c: &[(u64, u64)], out: &str) {
     for &(n, r) in c {
         assert_eq!(n, r, "{name}: the disk read back {r} for {n}:\n{out}");
     }
+}
+
+/// The counter went on across a hand-over (restore or migration): `after` starts one or
+/// two past the end of `before` (a line cut in half by the stop is counted on neither side).
+#[allow(dead_code)]
+pub fn assert_continues(what: &str, before: &[(u64, u64)], after: &[(u64, u64)], out: &str) {
+    let (last, first) = (before.last().unwrap().0, after[0].0);
+    assert!(
+        first == last + 1 || first == last + 2,
+        "{what}: counter went from {last} to {first}:\n{out}"
+    );
 }

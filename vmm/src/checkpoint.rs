@@ -97,34 +97,32 @@ pub(crate) struct Saved {
     pub(crate) memory_bytes: u64,
 }
 
-/// Guest RAM as byte slices in address order, with each region's (address, size).
+/// Guest RAM as byte slices in address order.
 ///
 /// # Safety
 /// No vCPU may run and no device may write guest memory while the slices live.
 // Guest RAM is a mapping `mem` points to, not data it owns: handing out `&mut` views of it
 // from `&mem` is the point, and the caller's guarantee is what makes them exclusive.
 #[allow(clippy::mut_from_ref)]
-unsafe fn ram_slices(mem: &devices::GuestMemoryMmap) -> (Vec<&mut [u8]>, Vec<(u64, u64)>) {
-    let mut slices = Vec::new();
-    let mut regions = Vec::new();
-    for region in mem.iter() {
-        let len = region.len() as usize;
-        let ptr = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .expect("a region's first byte is inside it");
-        // SAFETY: `ptr..ptr+len` is the region's whole mapping, alive as long as `mem`;
-        // the caller guarantees nothing else accesses it meanwhile.
-        slices.push(unsafe { std::slice::from_raw_parts_mut(ptr, len) });
-        regions.push((region.start_addr().0, len as u64));
-    }
-    (slices, regions)
+unsafe fn ram_slices(mem: &devices::GuestMemoryMmap) -> Vec<&mut [u8]> {
+    mem.iter()
+        .map(|region| {
+            let len = region.len() as usize;
+            let ptr = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .expect("a region's first byte is inside it");
+            // SAFETY: `ptr..ptr+len` is the region's whole mapping, alive as long as `mem`;
+            // the caller guarantees nothing else accesses it meanwhile.
+            unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+        })
+        .collect()
 }
 
-/// The vCPU, VM-wide and device state of paused `vm`.
-fn capture(
-    vm: &Vm,
-    laps: &mut Laps,
-) -> Result<(Vec<snapshot::VcpuState>, snapshot::KvmVmState, DevicesState), CheckpointError> {
+/// The whole state of paused `vm` but its memory and disks, which travel separately: what
+/// a migration's State frame carries, and a snapshot's state file once the drive sizes
+/// are updated. The machine is `vm.config` unchanged, as the migration's Hello announced
+/// it. Each step's time goes to `laps`.
+pub(crate) fn capture_state(vm: &Vm, laps: &mut Laps) -> Result<VmState, CheckpointError> {
     let vcpus = vm
         .vcpus
         .iter()
@@ -138,14 +136,6 @@ fn capture(
         virtio: vm.transports.iter().map(|t| lock(t).save_state()).collect(),
     };
     laps.lap("save devices");
-    Ok((vcpus, kvm_state, devices))
-}
-
-/// The whole state of paused `vm` but its memory and disks, which travel separately: what
-/// a migration's State frame carries. The machine is `vm.config` unchanged, as the
-/// migration's Hello announced it. Each step's time goes to `laps`.
-pub(crate) fn capture_state(vm: &Vm, laps: &mut Laps) -> Result<VmState, CheckpointError> {
-    let (vcpus, kvm_state, devices) = capture(vm, laps)?;
     let regions = vm.mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
     Ok(VmState {
         machine: vm.config.clone(),
@@ -164,7 +154,7 @@ pub(crate) fn save(vm: &Vm, dir: &Path) -> Result<Saved, CheckpointError> {
     let start = Instant::now();
     let writer = SnapshotWriter::begin(dir)?;
 
-    let (vcpus, kvm_state, devices) = capture(vm, &mut Laps::start())?;
+    let mut state = capture_state(vm, &mut Laps::start())?;
 
     let memory_path = writer.path(MEMORY_FILE);
     let file = File::create(&memory_path).map_err(|source| CheckpointError::Create {
@@ -173,15 +163,14 @@ pub(crate) fn save(vm: &Vm, dir: &Path) -> Result<Saved, CheckpointError> {
     })?;
     // SAFETY: every vCPU is paused and this (the VMM) thread is the only one that runs
     // devices; the slices are dropped before this function returns.
-    let (slices, regions) = unsafe { ram_slices(&vm.mem) };
+    let slices = unsafe { ram_slices(&vm.mem) };
     let readonly: Vec<&[u8]> = slices.iter().map(|s| &**s).collect();
     let memory_bytes = snapshot::memory::write_memory(&file, &readonly)?;
     drop(readonly);
     drop(slices);
     let after_memory = start.elapsed();
 
-    let mut machine = vm.config.clone();
-    for (drive, path) in machine.drives.iter_mut().zip(&vm.drive_paths) {
+    for (drive, path) in state.machine.drives.iter_mut().zip(&vm.drive_paths) {
         let kind =
             snapshot::disk::copy_disk(path, &writer.path(&drive.file)).map_err(|source| {
                 CheckpointError::Disk {
@@ -195,16 +184,6 @@ pub(crate) fn save(vm: &Vm, dir: &Path) -> Result<Saved, CheckpointError> {
         tracing::debug!("drive {}: {kind:?}", drive.id);
     }
 
-    let state = VmState {
-        machine,
-        memory: MemoryState {
-            file: MEMORY_FILE.into(),
-            regions,
-        },
-        vm: kvm_state,
-        vcpus,
-        devices,
-    };
     snapshot::format::write_state_file(&writer.path(STATE_FILE), &state)?;
     writer.commit()?;
     tracing::debug!(
@@ -284,7 +263,7 @@ pub fn restore(dir: &Path, options: &RunOptions) -> Result<Outcome, VmmError> {
         })?;
         // SAFETY: no vCPU exists yet and no device is attached: nothing else touches
         // guest memory while the slices live.
-        let (mut slices, _) = unsafe { ram_slices(&mem) };
+        let mut slices = unsafe { ram_slices(&mem) };
         snapshot::memory::read_memory(&file, &mut slices, state.memory.total_bytes())
             .map_err(|e| bad(&dir, e.to_string()))?;
     }
