@@ -47,18 +47,19 @@ wait_lines() { n=0; while [ "$(lines $1)" -lt $2 ]; do n=$((n+1)); if [ $n -gt 6
 wait_sock() { n=0; while [ ! -S $1 ]; do n=$((n+1)); [ $n -gt 300 ] && { echo "no socket $1"; exit 1; }; sleep 0.1; done; }
 "#;
 
-/// Starts the counting guest (`out0`, API /tmp/$1-src.sock, `$SRC_ENV` added to its
-/// environment) and a destination listening on 127.0.0.1:$2 trusting `$3.pub`, drive
-/// images in dst/, output in out1.
+/// Starts the counting guest (console in `out0`, log in `err0`, API /tmp/$1-src.sock,
+/// `$SRC_ENV` added to its environment) and a destination listening on 127.0.0.1:$2
+/// trusting `$3.pub`, drive images in dst/, console in out1, log in err1. Console and log
+/// go to separate files: a log line written in the middle of a counter line would cut it.
 const START: &str = r#"
 start() {
 spec counter hos-m0; keys
-env HOSPES_LOG=info $SRC_ENV hospes run counter.toml --api-sock /tmp/$1-src.sock >out0 2>&1 & pid=$!; spid=$pid
+env HOSPES_LOG=info $SRC_ENV hospes run counter.toml --api-sock /tmp/$1-src.sock >out0 2>err0 & pid=$!; spid=$pid
 tap_up hos-m0
 wait_lines out0 20
 mkdir -p dst
-HOSPES_LOG=info hospes receive --listen 127.0.0.1:$2 --identity dst.key --trust $(cat $3.pub) --dir dst --api-sock /tmp/$1-dst.sock >out1 2>&1 & dpid=$!
-n=0; while ! grep -q 'waiting for a VM' out1; do n=$((n+1)); [ $n -gt 100 ] && { echo "receive did not start:"; cat out1; exit 1; }; sleep 0.1; done
+HOSPES_LOG=info hospes receive --listen 127.0.0.1:$2 --identity dst.key --trust $(cat $3.pub) --dir dst --api-sock /tmp/$1-dst.sock >out1 2>err1 & dpid=$!
+n=0; while ! grep -q 'waiting for a VM' err1; do n=$((n+1)); [ $n -gt 100 ] && { echo "receive did not start:"; cat err1; exit 1; }; sleep 0.1; done
 }
 "#;
 
@@ -78,14 +79,14 @@ fn a_migrated_guest_continues_its_counter_disk_and_network_and_the_source_exits_
         &script(
             "DISK_MIB=4; start mig 4430 src\n\
              hospes migrate /tmp/mig-src.sock --to 127.0.0.1:4430 --peer $(cat dst.pub) --identity src.key --downtime-ms $DOWNTIME_MS >mig.txt 2>&1; rc=$?; echo migrate_rc=$rc; cat mig.txt\n\
-             [ $rc = 0 ] || { kill $spid $dpid; echo ===OUT0; cat out0; echo ===OUT1; cat out1; exit 0; }\n\
+             [ $rc = 0 ] || { kill $spid $dpid; echo ===ERR0; cat err0; echo ===OUT0; cat out0; echo ===ERR1; cat err1; echo ===OUT1; cat out1; exit 0; }\n\
              wait $spid; echo rc0=$?\n\
              pid=$dpid; wait_lines out1 15\n\
              n=0; until ping -c 1 -W 2 172.16.9.2 >ping.txt 2>&1; do n=$((n+1)); [ $n -gt 2 ] && break; done; echo ping_retries=$n; [ $n -le 2 ] && echo ping=ok || { echo ping=failed; cat ping.txt; ip route; cat /proc/net/arp; ls -l /proc/$dpid/fd | grep tun; }\n\
              hospes ctl /tmp/mig-dst.sock status | grep -q '\"running\"' && echo status=running\n\
              hospes ctl /tmp/mig-dst.sock shutdown; wait $dpid; echo rc1=$?\n\
              cmp disk.img dst/disk-data.img 4096 4096 && echo disk=same\n\
-             echo ===OUT0; cat out0; echo ===OUT1; cat out1; echo ===END",
+             echo ===ERR0; cat err0; echo ===OUT0; cat out0; echo ===ERR1; cat err1; echo ===OUT1; cat out1; echo ===END",
         ),
     );
     eprintln!(
@@ -128,7 +129,7 @@ fn a_destination_that_does_not_trust_the_source_refuses_and_the_guest_runs_on() 
              kill $dpid; wait $dpid\n\
              ls dst | wc -l | sed 's/^/dst_files=/'\n\
              hospes ctl /tmp/migref-src.sock shutdown; wait $spid; echo rc0=$?\n\
-             echo ===OUT0; cat out0; echo ===END",
+             echo ===ERR0; cat err0; echo ===OUT0; cat out0; echo ===END",
         ),
     );
     assert_eq!(value(&out, "migrate_rc="), "1", "{out}");
@@ -159,7 +160,7 @@ fn a_destination_killed_mid_stream_leaves_the_guest_running_on_the_source() {
              now=$(lines out0); wait_lines out0 $((now + 10)); echo after=running\n\
              hospes ctl /tmp/migkill-src.sock status | grep -q '\"running\"' && echo status=running\n\
              hospes ctl /tmp/migkill-src.sock shutdown; wait $spid; echo rc0=$?\n\
-             echo ===OUT0; cat out0; echo ===END",
+             echo ===ERR0; cat err0; echo ===OUT0; cat out0; echo ===END",
         ),
     );
     assert_eq!(value(&out, "migrate_rc="), "1", "{out}");
@@ -190,7 +191,7 @@ fn a_commit_whose_acknowledgement_is_lost_keeps_the_source_paused_and_the_guest_
              hospes ctl /tmp/migdoubt-dst.sock status | grep -q '\"running\"' && echo dst_status=running\n\
              hospes ctl /tmp/migdoubt-src.sock shutdown; wait $spid; echo rc0=$?\n\
              hospes ctl /tmp/migdoubt-dst.sock shutdown; wait $dpid; echo rc1=$?\n\
-             echo ===OUT0; cat out0; echo ===OUT1; cat out1; echo ===END",
+             echo ===ERR0; cat err0; echo ===OUT0; cat out0; echo ===ERR1; cat err1; echo ===OUT1; cat out1; echo ===END",
         ),
     );
     assert_eq!(value(&out, "migrate_rc="), "1", "{out}");
@@ -227,17 +228,17 @@ memory_mib = 128\n\
 cmdline = 'quiet -- \"i=0; while true; do dd if=/dev/urandom of=/dev/shm/x bs=1M count=16 2>/dev/null; echo c=\\$i r=d=\\$i; i=\\$((i+1)); done\"'\n\
 SPEC\n\
 }; spec_hot\n\
-         HOSPES_LOG=info hospes run hot.toml --api-sock /tmp/migthr-src.sock >out0 2>&1 & pid=$!; spid=$pid\n\
+         HOSPES_LOG=info hospes run hot.toml --api-sock /tmp/migthr-src.sock >out0 2>err0 & pid=$!; spid=$pid\n\
          wait_lines out0 3\n\
          mkdir -p dst\n\
-         HOSPES_LOG=info hospes receive --listen 127.0.0.1:4433 --identity dst.key --trust $(cat src.pub) --dir dst --api-sock /tmp/migthr-dst.sock >out1 2>&1 & dpid=$!\n\
-         n=0; while ! grep -q 'waiting for a VM' out1; do n=$((n+1)); [ $n -gt 100 ] && { echo receive did not start; cat out1; exit 1; }; sleep 0.1; done\n\
+         HOSPES_LOG=info hospes receive --listen 127.0.0.1:4433 --identity dst.key --trust $(cat src.pub) --dir dst --api-sock /tmp/migthr-dst.sock >out1 2>err1 & dpid=$!\n\
+         n=0; while ! grep -q 'waiting for a VM' err1; do n=$((n+1)); [ $n -gt 100 ] && { echo receive did not start; cat err1; exit 1; }; sleep 0.1; done\n\
          hospes migrate /tmp/migthr-src.sock --to 127.0.0.1:4433 --peer $(cat dst.pub) --identity src.key --downtime-ms 300 --json >mig.json 2>mig.txt; rc=$?; echo migrate_rc=$rc; cat mig.txt; echo; echo json=$(cat mig.json)\n\
-         [ $rc = 0 ] || { kill $spid $dpid; echo ===OUT0; cat out0; echo ===OUT1; cat out1; exit 0; }\n\
+         [ $rc = 0 ] || { kill $spid $dpid; echo ===ERR0; cat err0; echo ===OUT0; cat out0; echo ===ERR1; cat err1; echo ===OUT1; cat out1; exit 0; }\n\
          wait $spid; echo rc0=$?\n\
          pid=$dpid; now=$(lines out1); wait_lines out1 $((now + 2)); echo after=running\n\
          hospes ctl /tmp/migthr-dst.sock shutdown; wait $dpid; echo rc1=$?\n\
-         echo ===OUT0; cat out0; echo ===OUT1; cat out1; echo ===END",
+         echo ===ERR0; cat err0; echo ===OUT0; cat out0; echo ===ERR1; cat err1; echo ===OUT1; cat out1; echo ===END",
     );
     assert_eq!(value(&out, "migrate_rc="), "0", "{out}");
     let json = out
