@@ -8,8 +8,8 @@ use std::io::{self, Read, Write};
 use snapshot::MachineConfig;
 
 use super::{
-    Hash, MigrationConfig, WireError, HEADER_LEN, MAGIC, MAX_PAYLOAD, MAX_REASON,
-    MAX_STATE_PAYLOAD, PAGE_SIZE, PROTOCOL_VERSION,
+    Hash, MigrationConfig, WireError, FLAG_LZ4, HEADER_LEN, HELLO_VERSION, MAGIC, MAX_PAYLOAD,
+    MAX_REASON, MAX_STATE_PAYLOAD, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 
 /// The frame types, with their codes on the wire.
@@ -42,6 +42,8 @@ pub enum FrameType {
     Abort = 12,
     /// src: the source has stopped its VM for good: run it.
     Commit = 13,
+    /// dst (version 2 on): every page and block of a round is written.
+    RoundApplied = 14,
 }
 
 impl FrameType {
@@ -62,6 +64,7 @@ impl FrameType {
             11 => Ready,
             12 => Abort,
             13 => Commit,
+            14 => RoundApplied,
             _ => return None,
         })
     }
@@ -106,7 +109,7 @@ impl Header {
             return Err(WireError::BadMagic(magic));
         }
         let version = u16::from_le_bytes([v0, v1]);
-        if version != PROTOCOL_VERSION {
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
             return Err(WireError::UnsupportedVersion(version));
         }
         let kind = FrameType::from_code(code).ok_or(WireError::UnknownFrameType(code))?;
@@ -148,13 +151,84 @@ impl Header {
                 computed,
             });
         }
-        if self.flags != 0 {
+        if self.flags & !self.allowed_flags() != 0 {
             return Err(WireError::UnknownFlags {
                 kind: self.kind,
                 flags: self.flags,
             });
         }
         Ok(())
+    }
+
+    /// The flags a frame of this type and version may carry: [`FLAG_LZ4`] on Pages and
+    /// Blocks from version 2 on, nothing else.
+    fn allowed_flags(&self) -> u8 {
+        match self.kind {
+            FrameType::Pages | FrameType::Blocks if self.version >= 2 => FLAG_LZ4,
+            _ => 0,
+        }
+    }
+
+    /// Whether the payload on the wire is LZ4-compressed (see [`inflate`]).
+    pub fn compressed(&self) -> bool {
+        self.flags & FLAG_LZ4 != 0
+    }
+}
+
+/// The payload of a frame whose header has [`FLAG_LZ4`], decompressed into `out`: an
+/// uncompressed length u32, then one LZ4 block that must decompress to exactly that many
+/// bytes. The length is checked against the frame type's limit before anything is
+/// allocated, and the decoder writes only into `out` (lz4_flex's safe, checked decoder:
+/// malformed input is an error, never a read or write out of bounds).
+pub(crate) fn inflate(header: &Header, wire: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
+    let malformed = |reason: String| WireError::Malformed {
+        kind: header.kind,
+        reason,
+    };
+    let Some((len, block)) = wire.split_first_chunk::<4>() else {
+        return Err(malformed(format!(
+            "compressed payload of {} bytes has no length",
+            wire.len()
+        )));
+    };
+    let len = u32::from_le_bytes(*len) as usize;
+    if len > header.kind.max_payload() {
+        return Err(malformed(format!(
+            "compressed payload inflates to {len} bytes, over the {} limit",
+            header.kind.max_payload()
+        )));
+    }
+    out.clear();
+    out.resize(len, 0);
+    let got = lz4_flex::block::decompress_into(block, out)
+        .map_err(|e| malformed(format!("LZ4 block: {e}")))?;
+    if got != len {
+        return Err(malformed(format!(
+            "compressed payload inflates to {got} bytes, its length says {len}"
+        )));
+    }
+    Ok(())
+}
+
+/// `payload` compressed as [`inflate`] reads it, into `out`; false (and `out` unspecified)
+/// when that would not save at least a sixteenth, so that incompressible data (random disk
+/// blocks, encrypted files) travels as it is.
+pub(crate) fn deflate(payload: &[u8], out: &mut Vec<u8>) -> bool {
+    let Ok(len) = u32::try_from(payload.len()) else {
+        return false;
+    };
+    out.clear();
+    out.resize(
+        4 + lz4_flex::block::get_maximum_output_size(payload.len()),
+        0,
+    );
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    match lz4_flex::block::compress_into(payload, &mut out[4..]) {
+        Ok(n) if 4 + n <= payload.len() - payload.len() / 16 => {
+            out.truncate(4 + n);
+            true
+        }
+        _ => false,
     }
 }
 
@@ -177,9 +251,15 @@ fn crc(header: &[u8; HEADER_LEN], payload: &[u8]) -> u32 {
     hasher.finalize()
 }
 
-/// The header of a frame of `kind` carrying `payload` (at most `kind.max_payload()`).
-pub(crate) fn header_for(kind: FrameType, payload: &[u8]) -> [u8; HEADER_LEN] {
-    raw_header_for(PROTOCOL_VERSION, kind as u8, 0, payload)
+/// The header of a frame of `kind` in protocol `version` with `flags`, carrying `payload`
+/// (at most `kind.max_payload()`).
+pub(crate) fn header_for(
+    version: u16,
+    kind: FrameType,
+    flags: u8,
+    payload: &[u8],
+) -> [u8; HEADER_LEN] {
+    raw_header_for(version, kind as u8, flags, payload)
 }
 
 /// A header with any field values and the right CRC (for tests and the fuzz target).
@@ -225,9 +305,9 @@ pub fn read_frame(input: &mut impl Read, payload: &mut Vec<u8>) -> Result<Header
     Ok(header)
 }
 
-/// Encodes `frame` and writes it whole.
-pub fn write_frame(out: &mut impl Write, frame: &Frame<'_>) -> Result<(), WireError> {
-    out.write_all(&frame.encode()?)?;
+/// Encodes `frame` for protocol `version` and writes it whole.
+pub fn write_frame(out: &mut impl Write, version: u16, frame: &Frame<'_>) -> Result<(), WireError> {
+    out.write_all(&frame.encode_as(version)?)?;
     Ok(())
 }
 
@@ -308,6 +388,11 @@ pub enum Frame<'a> {
         /// The hash of every frame before.
         hash: Hash,
     },
+    /// The destination has written every page and block of a round.
+    RoundApplied {
+        /// The round.
+        round: u32,
+    },
     /// The destination has built the VM and waits for Commit.
     Ready,
     /// The source has stopped its VM for good.
@@ -335,12 +420,19 @@ impl<'a> Frame<'a> {
             Frame::Done { .. } => FrameType::Done,
             Frame::Ready => FrameType::Ready,
             Frame::Commit => FrameType::Commit,
+            Frame::RoundApplied { .. } => FrameType::RoundApplied,
             Frame::Abort { .. } => FrameType::Abort,
         }
     }
 
-    /// Header and payload. Refuses what [`Frame::decode`] would refuse.
+    /// Header and payload in this build's [`PROTOCOL_VERSION`]; see [`Frame::encode_as`].
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        self.encode_as(PROTOCOL_VERSION)
+    }
+
+    /// Header and payload for protocol `version` (a Hello always goes out as
+    /// [`HELLO_VERSION`]), uncompressed. Refuses what [`Frame::decode`] would refuse.
+    pub fn encode_as(&self, version: u16) -> Result<Vec<u8>, WireError> {
         let kind = self.kind();
         let malformed = |reason: String| WireError::Malformed { kind, reason };
         let mut p = Vec::new();
@@ -422,6 +514,7 @@ impl<'a> Frame<'a> {
             }
             Frame::State { bytes } => p.extend_from_slice(bytes),
             Frame::Done { hash } => p.extend_from_slice(&hash.to_le_bytes()),
+            Frame::RoundApplied { round } => put32(&mut p, *round),
             Frame::Ready | Frame::Commit => {}
         }
         if p.len() > kind.max_payload() {
@@ -432,7 +525,12 @@ impl<'a> Frame<'a> {
             });
         }
         let mut bytes = Vec::with_capacity(HEADER_LEN + p.len());
-        bytes.extend_from_slice(&header_for(kind, &p));
+        let version = if kind == FrameType::Hello {
+            HELLO_VERSION
+        } else {
+            version
+        };
+        bytes.extend_from_slice(&header_for(version, kind, 0, &p));
         bytes.extend_from_slice(&p);
         Ok(bytes)
     }
@@ -526,6 +624,9 @@ impl<'a> Frame<'a> {
             },
             FrameType::Ready => Frame::Ready,
             FrameType::Commit => Frame::Commit,
+            FrameType::RoundApplied => Frame::RoundApplied {
+                round: p.u32("round")?,
+            },
         };
         p.finish()?;
         Ok(frame)

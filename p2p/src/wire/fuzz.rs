@@ -4,7 +4,8 @@
 //!
 //! The input's first byte picks a mode. Bit 0 clear: the rest is the raw byte stream. Bit 0
 //! set: the rest is records (type u8, length u32, payload, the length cut to what is left),
-//! each sent as a frame with a correct header and CRC, so that mutations get past the CRC
+//! each sent as a frame with a correct header and CRC (a type byte with its top bit set is
+//! a frame flagged LZ4-compressed), so that mutations get past the CRC
 //! into the payloads and the state machine. Bit 1 clear: a valid Hello for [`config`] comes
 //! first; set: the input brings its own.
 
@@ -18,8 +19,8 @@ use snapshot::{
 
 use super::frame::{raw_header_for, read_frame};
 use super::{
-    Event, Frame, Hello, MigrationConfig, Receiver, Sender, Sink, WireError, BLOCK_SIZE, PAGE_SIZE,
-    PROTOCOL_VERSION,
+    Event, Frame, FrameType, Hello, MigrationConfig, Receiver, Sender, Sink, WireError, BLOCK_SIZE,
+    FLAG_LZ4, HELLO_VERSION, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 
 /// Feeds `data` (see the module documentation) to a [`Receiver`] and returns how that
@@ -68,10 +69,10 @@ pub fn config() -> MigrationConfig {
     }
 }
 
-/// The Hello frame offering [`config`].
+/// The Hello frame offering [`config`], as the [`Sender`] sends it.
 pub fn hello() -> Vec<u8> {
     Frame::Hello(Hello {
-        min_version: PROTOCOL_VERSION,
+        min_version: MIN_PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
         config: config(),
     })
@@ -87,14 +88,32 @@ pub fn migration() -> Result<Vec<u8>, WireError> {
     let mut tx = Sender::new(config.clone())?;
     let mut w = Vec::new();
     tx.hello(&mut w)?;
-    tx.read_ack(&mut &Frame::HelloAck { version: 1 }.encode()?[..])?;
+    tx.read_ack(
+        &mut &Frame::HelloAck {
+            version: PROTOCOL_VERSION,
+        }
+        .encode()?[..],
+    )?;
+    // Pages of one repeated byte travel compressed; blocks of noise do not, so that the
+    // corpus has both kinds of data frame.
     let data = |seed: u8, len: usize| vec![seed; len];
+    let noise = |seed: u8, len: usize| {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<u8>>()
+    };
     tx.page(&mut w, 0, &data(1, PAGE_SIZE))?;
     tx.page(&mut w, 0x1000, &data(2, PAGE_SIZE))?;
     tx.page(&mut w, 1 << 32, &data(3, PAGE_SIZE))?;
-    tx.block(&mut w, 0, 0, &data(4, BLOCK_SIZE))?;
-    tx.block(&mut w, 0, 1, &data(5, BLOCK_SIZE))?;
-    tx.block(&mut w, 0, 2, &data(6, 10_000 - 2 * BLOCK_SIZE))?;
+    tx.block(&mut w, 0, 0, &noise(4, BLOCK_SIZE))?;
+    tx.block(&mut w, 0, 1, &noise(5, BLOCK_SIZE))?;
+    tx.block(&mut w, 0, 2, &noise(6, 10_000 - 2 * BLOCK_SIZE))?;
     tx.end_round(&mut w)?;
     tx.zero_page(&mut w, 0x1000)?;
     tx.page(&mut w, (1 << 32) + 0x1000, &data(7, PAGE_SIZE))?;
@@ -107,12 +126,16 @@ pub fn migration() -> Result<Vec<u8>, WireError> {
     Ok(w)
 }
 
+/// A record's type byte with this bit set is a frame with [`FLAG_LZ4`] (frame type codes
+/// are below it).
+const LZ4_RECORD: u8 = 0x80;
+
 /// `stream`'s frames as records (see the module documentation), up to the first frame
 /// that does not read.
 pub fn records(mut stream: &[u8]) -> Vec<u8> {
     let (mut out, mut payload) = (Vec::new(), Vec::new());
     while let Ok(header) = read_frame(&mut stream, &mut payload) {
-        out.push(header.kind as u8);
+        out.push(header.kind as u8 | if header.compressed() { LZ4_RECORD } else { 0 });
         out.extend_from_slice(&header.len.to_le_bytes());
         out.extend_from_slice(&payload);
     }
@@ -140,7 +163,14 @@ pub(crate) fn frame_records(mut records: &[u8], stream: &mut Vec<u8>) {
         let rest = &rest[n..];
         let len = (u32::from_le_bytes(len) as usize).min(rest.len());
         let (payload, rest) = rest.split_at(len);
-        stream.extend_from_slice(&raw_header_for(PROTOCOL_VERSION, code, 0, payload));
+        let flags = if code & LZ4_RECORD != 0 { FLAG_LZ4 } else { 0 };
+        let code = code & !LZ4_RECORD;
+        let version = if code == FrameType::Hello as u8 {
+            HELLO_VERSION
+        } else {
+            PROTOCOL_VERSION
+        };
+        stream.extend_from_slice(&raw_header_for(version, code, flags, payload));
         stream.extend_from_slice(payload);
         records = rest;
     }

@@ -6,10 +6,10 @@ use std::io::{self, Read, Write};
 
 use snapshot::VmState;
 
-use super::frame::{read_frame, write_frame, Frame, FrameType};
+use super::frame::{inflate, read_frame, write_frame, Frame, FrameType};
 use super::{
-    bounded_reason, FrameHash, MigrationConfig, WireError, BLOCK_SIZE, MIN_PROTOCOL_VERSION,
-    PAGE_SIZE, PROTOCOL_VERSION,
+    bounded_reason, FrameHash, MigrationConfig, WireError, BLOCK_SIZE, HELLO_VERSION,
+    MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 
 /// Where received memory and disk contents go. The destination's memory and disks start
@@ -119,7 +119,9 @@ pub struct Receiver {
     version: u16,
     config: Option<MigrationConfig>,
     hash: FrameHash,
+    /// The payload as it came off the wire, and decompressed when it was compressed.
     payload: Vec<u8>,
+    inflated: Vec<u8>,
 }
 
 impl Default for Receiver {
@@ -133,10 +135,12 @@ impl Receiver {
     pub fn new() -> Self {
         Self {
             phase: ReceiverPhase::AwaitHello,
-            version: PROTOCOL_VERSION,
+            // Until a Hello agrees on one, what any peer reads: a Refuse or Abort then.
+            version: HELLO_VERSION,
             config: None,
             hash: FrameHash::default(),
             payload: Vec::new(),
+            inflated: Vec::new(),
         }
     }
 
@@ -170,8 +174,10 @@ impl Receiver {
             _ => {}
         }
         let mut payload = std::mem::take(&mut self.payload);
-        let result = self.receive(input, &mut payload, sink);
+        let mut inflated = std::mem::take(&mut self.inflated);
+        let result = self.receive(input, &mut payload, &mut inflated, sink);
         self.payload = payload;
+        self.inflated = inflated;
         // After Done the hash has matched and the VM may run here: what the source sends
         // then is refused, but does not undo that.
         let failed = matches!(result, Err(_) | Ok(Event::Aborted(_)));
@@ -187,7 +193,7 @@ impl Receiver {
             return Err(WireError::Misuse("accept() without a Hello"));
         }
         let version = self.version;
-        self.fail_on_error(|_| write_frame(out, &Frame::HelloAck { version }))?;
+        self.fail_on_error(|_| write_frame(out, version, &Frame::HelloAck { version }))?;
         self.phase = ReceiverPhase::Precopy {
             round: 0,
             pages: 0,
@@ -203,7 +209,23 @@ impl Receiver {
         }
         self.phase = ReceiverPhase::Failed;
         let reason = bounded_reason(reason).to_owned();
-        write_frame(out, &Frame::Refuse { reason })
+        write_frame(out, self.version, &Frame::Refuse { reason })
+    }
+
+    /// Tells the source that every page and block of `round` is written (version 2 on;
+    /// with version 1 nothing is sent). Only after that round's RoundEnd.
+    pub fn applied(&mut self, out: &mut impl Write, round: u32) -> Result<(), WireError> {
+        let ReceiverPhase::Precopy { round: current, .. } = self.phase else {
+            return Err(WireError::Misuse("applied() outside pre-copy"));
+        };
+        if round >= current {
+            return Err(WireError::Misuse("applied() before the round's RoundEnd"));
+        }
+        if self.version < 2 {
+            return Ok(());
+        }
+        let version = self.version;
+        self.fail_on_error(|_| write_frame(out, version, &Frame::RoundApplied { round }))
     }
 
     /// Tells the source the VM is built here and waits for its Commit.
@@ -211,7 +233,8 @@ impl Receiver {
         if self.phase != ReceiverPhase::Complete {
             return Err(WireError::Misuse("ready() before Done"));
         }
-        self.fail_on_error(|_| write_frame(out, &Frame::Ready))?;
+        let version = self.version;
+        self.fail_on_error(|_| write_frame(out, version, &Frame::Ready))?;
         self.phase = ReceiverPhase::AwaitCommit;
         Ok(())
     }
@@ -221,7 +244,7 @@ impl Receiver {
     pub fn abort(&mut self, out: &mut impl Write, reason: &str) -> Result<(), WireError> {
         self.phase = ReceiverPhase::Failed;
         let reason = bounded_reason(reason).to_owned();
-        write_frame(out, &Frame::Abort { reason })
+        write_frame(out, self.version, &Frame::Abort { reason })
     }
 
     fn fail_on_error<T>(
@@ -239,10 +262,29 @@ impl Receiver {
         &mut self,
         input: &mut impl Read,
         payload: &mut Vec<u8>,
+        inflated: &mut Vec<u8>,
         sink: &mut impl Sink,
     ) -> Result<Event, WireError> {
         let header = read_frame(input, payload)?;
-        let frame = Frame::decode(header.kind, payload)?;
+        // After the Hello every frame speaks the version agreed (a Hello's own header is
+        // HELLO_VERSION whatever it offers; a second one is refused as out of order).
+        if self.phase != ReceiverPhase::AwaitHello
+            && header.kind != FrameType::Hello
+            && header.version != self.version
+        {
+            return Err(WireError::WrongVersion {
+                kind: header.kind,
+                found: header.version,
+                agreed: self.version,
+            });
+        }
+        let plain: &[u8] = if header.compressed() {
+            inflate(&header, payload, inflated)?;
+            inflated
+        } else {
+            payload
+        };
+        let frame = Frame::decode(header.kind, plain)?;
         if !matches!(frame, Frame::Done { .. } | Frame::Abort { .. }) {
             self.hash.add(&header.to_bytes(), payload);
         }

@@ -6,10 +6,10 @@ use std::io::{Read, Write};
 
 use snapshot::VmState;
 
-use super::frame::{header_for, read_frame, write_frame, Frame, FrameType, Hello};
+use super::frame::{deflate, header_for, read_frame, write_frame, Frame, FrameType, Hello};
 use super::{
-    bounded_reason, FrameHash, MigrationConfig, WireError, MAX_PAYLOAD, MIN_PROTOCOL_VERSION,
-    PAGE_SIZE, PROTOCOL_VERSION,
+    bounded_reason, FrameHash, MigrationConfig, WireError, FLAG_LZ4, HELLO_VERSION, MAX_PAYLOAD,
+    MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 
 /// Where the [`Sender`] is.
@@ -70,6 +70,15 @@ pub struct Sender {
     batch: Option<Batch>,
     payload: Vec<u8>,
     count: u32,
+    /// The protocol version: [`HELLO_VERSION`] until the destination chose one.
+    version: u16,
+    /// Whether Pages and Blocks frames may go out compressed (version 2 on).
+    compress: bool,
+    /// A compressed payload being built.
+    packed: Vec<u8>,
+    /// Payload bytes of data frames before and after compression.
+    raw_bytes: u64,
+    wire_bytes: u64,
 }
 
 impl Sender {
@@ -85,7 +94,29 @@ impl Sender {
             batch: None,
             payload: Vec::new(),
             count: 0,
+            version: HELLO_VERSION,
+            compress: true,
+            packed: Vec::new(),
+            raw_bytes: 0,
+            wire_bytes: 0,
         })
+    }
+
+    /// Whether Pages and Blocks frames are compressed when the destination speaks version
+    /// 2 or later and it saves something (the default), or never.
+    pub fn set_compression(&mut self, on: bool) {
+        self.compress = on;
+    }
+
+    /// The protocol version in use: the destination's choice once it answered the Hello.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Payload bytes of the Pages and Blocks frames sent so far, as built and as sent
+    /// (compressed): their ratio is what compression saved.
+    pub fn data_bytes(&self) -> (u64, u64) {
+        (self.raw_bytes, self.wire_bytes)
     }
 
     /// Where it is.
@@ -122,6 +153,7 @@ impl Sender {
                     if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) =>
                 {
                     s.phase = SenderPhase::Precopy { round: 0 };
+                    s.version = version;
                     Ok(version)
                 }
                 Frame::HelloAck { version } => Err(WireError::UnsupportedVersion(version)),
@@ -247,6 +279,61 @@ impl Sender {
         })
     }
 
+    /// Waits until the destination has written every page and block of `round` (its
+    /// RoundApplied), which must have ended. A version 1 destination does not say: then
+    /// this returns at once.
+    pub fn wait_applied(&mut self, input: &mut impl Read, round: u32) -> Result<(), WireError> {
+        let current = self.precopy("wait_applied() outside pre-copy")?;
+        if round >= current {
+            return Err(WireError::Misuse(
+                "wait_applied() before the round's end_round()",
+            ));
+        }
+        if self.version < 2 {
+            return Ok(());
+        }
+        self.guard(|s| loop {
+            match s.read_from_destination(input)? {
+                Frame::RoundApplied { round: applied } if applied >= current => {
+                    return Err(WireError::Malformed {
+                        kind: FrameType::RoundApplied,
+                        reason: format!(
+                            "round {applied} applied, but the last round sent is {}",
+                            current - 1
+                        ),
+                    })
+                }
+                Frame::RoundApplied { round: applied } if applied >= round => return Ok(()),
+                Frame::RoundApplied { .. } => {}
+                other => {
+                    return Err(WireError::OutOfOrder {
+                        frame: other.kind(),
+                        expected: "RoundApplied or Abort".into(),
+                    })
+                }
+            }
+        })
+    }
+
+    /// Reads one frame from the destination; an Abort or a Refuse is an error.
+    fn read_from_destination(
+        &mut self,
+        input: &mut impl Read,
+    ) -> Result<Frame<'static>, WireError> {
+        let mut payload = Vec::new();
+        let header = read_frame(input, &mut payload)?;
+        match Frame::decode(header.kind, &payload)? {
+            Frame::Abort { reason } => Err(WireError::Aborted(reason)),
+            Frame::Refuse { reason } => Err(WireError::Refused(reason)),
+            Frame::RoundApplied { round } => Ok(Frame::RoundApplied { round }),
+            Frame::Ready => Ok(Frame::Ready),
+            _ => Err(WireError::OutOfOrder {
+                frame: header.kind,
+                expected: "RoundApplied, Ready or Abort".into(),
+            }),
+        }
+    }
+
     /// Sends the paused VM's state, after the last round's [`Sender::end_round`].
     pub fn state(&mut self, out: &mut impl Write, state: &VmState) -> Result<(), WireError> {
         self.guard(|s| {
@@ -271,7 +358,8 @@ impl Sender {
     pub fn done(&mut self, out: &mut impl Write) -> Result<(), WireError> {
         self.expect(SenderPhase::StateSent, "done() before state()")?;
         let hash = self.hash.value();
-        self.guard(|_| write_frame(out, &Frame::Done { hash }))?;
+        let version = self.version;
+        self.guard(|_| write_frame(out, version, &Frame::Done { hash }))?;
         self.phase = SenderPhase::AwaitReady;
         Ok(())
     }
@@ -280,19 +368,11 @@ impl Sender {
     /// checked the hash and built the VM, and waits for [`Sender::commit`].
     pub fn read_ready(&mut self, input: &mut impl Read) -> Result<(), WireError> {
         self.expect(SenderPhase::AwaitReady, "read_ready() before done()")?;
-        self.guard(|s| {
-            let mut payload = Vec::new();
-            let header = read_frame(input, &mut payload)?;
-            match Frame::decode(header.kind, &payload)? {
-                Frame::Ready => {
-                    s.phase = SenderPhase::Ready;
-                    Ok(())
-                }
-                Frame::Abort { reason } => Err(WireError::Aborted(reason)),
-                _ => Err(WireError::OutOfOrder {
-                    frame: header.kind,
-                    expected: "Ready or Abort".into(),
-                }),
+        self.guard(|s| loop {
+            // RoundApplied frames of rounds not waited for may come first.
+            if let Frame::Ready = s.read_from_destination(input)? {
+                s.phase = SenderPhase::Ready;
+                return Ok(());
             }
         })
     }
@@ -303,14 +383,14 @@ impl Sender {
         self.expect(SenderPhase::Ready, "commit() before read_ready()")?;
         // Whatever happens to the write, the destination may run the VM from now on.
         self.phase = SenderPhase::Complete;
-        write_frame(out, &Frame::Commit)
+        write_frame(out, self.version, &Frame::Commit)
     }
 
     /// Tells the destination to discard everything; the source resumes its VM.
     pub fn abort(&mut self, out: &mut impl Write, reason: &str) -> Result<(), WireError> {
         self.phase = SenderPhase::Failed;
         let reason = bounded_reason(reason).to_owned();
-        write_frame(out, &Frame::Abort { reason })
+        write_frame(out, self.version, &Frame::Abort { reason })
     }
 
     fn expect(&self, phase: SenderPhase, misuse: &'static str) -> Result<(), WireError> {
@@ -397,16 +477,30 @@ impl Sender {
             Batch::ZeroBlocks(_) => (FrameType::ZeroBlocks, 6),
         };
         self.payload[at..at + 4].copy_from_slice(&self.count.to_le_bytes());
-        let header = header_for(frame, &self.payload);
+        let compressible = matches!(frame, FrameType::Pages | FrameType::Blocks);
+        let packed = compressible
+            && self.compress
+            && self.version >= 2
+            && deflate(&self.payload, &mut self.packed);
+        let (flags, wire) = if packed {
+            (FLAG_LZ4, &self.packed)
+        } else {
+            (0, &self.payload)
+        };
+        let header = header_for(self.version, frame, flags, wire);
         out.write_all(&header)?;
-        out.write_all(&self.payload)?;
-        self.hash.add(&header, &self.payload);
+        out.write_all(wire)?;
+        self.hash.add(&header, wire);
+        if compressible {
+            self.raw_bytes += self.payload.len() as u64;
+            self.wire_bytes += wire.len() as u64;
+        }
         Ok(())
     }
 
     /// Encodes, hashes and writes a frame.
     fn send(&mut self, out: &mut impl Write, frame: &Frame<'_>) -> Result<(), WireError> {
-        let bytes = frame.encode()?;
+        let bytes = frame.encode_as(self.version)?;
         out.write_all(&bytes)?;
         if let Some((header, payload)) = bytes.split_first_chunk() {
             self.hash.add(header, payload);

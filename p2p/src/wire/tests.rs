@@ -9,6 +9,7 @@ use snapshot::{DriveConfig, MachineConfig, NetConfig};
 use super::fuzz::{vm_state, MemorySink};
 use super::*;
 
+mod compression;
 mod fuzz_smoke;
 mod malformed;
 mod peers;
@@ -67,12 +68,12 @@ fn handshake(config: &MigrationConfig) -> (Sender, Receiver) {
         .next(&mut &to_dst[..], &mut MemorySink::default())
         .unwrap();
     assert!(
-        matches!(&event, Event::Hello { version: 1, config: c } if c == config),
+        matches!(&event, Event::Hello { version: 2, config: c } if c == config),
         "{event:?}"
     );
     let mut to_src = Vec::new();
     rx.accept(&mut to_src).unwrap();
-    assert_eq!(tx.read_ack(&mut &to_src[..]).unwrap(), 1);
+    assert_eq!(tx.read_ack(&mut &to_src[..]).unwrap(), 2);
     (tx, rx)
 }
 
@@ -202,6 +203,7 @@ fn whole_migration() {
 fn pages_are_batched_within_the_frame_limit() {
     let config = config();
     let (mut tx, mut rx) = handshake(&config);
+    tx.set_compression(false);
     let mut wire = Vec::new();
     let gpas = (0..512u64)
         .map(|i| i * 4096)

@@ -292,7 +292,11 @@ fn receive_stream(
                 round,
                 pages,
                 blocks,
-            } => tracing::debug!("round {round}: {pages} pages, {blocks} blocks"),
+            } => {
+                tracing::debug!("round {round}: {pages} pages, {blocks} blocks");
+                // The source waits for this before it decides whether to stop (step 4).
+                receiver.applied(out, round)?;
+            }
             Event::State(s) => state = Some(s),
             Event::Done => {
                 return state

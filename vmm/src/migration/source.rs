@@ -303,7 +303,15 @@ impl Source {
         let budget = Duration::from_millis(self.request.downtime_ms);
         self.progress(|p| p.phase = "precopy");
         sender.hello(out)?;
-        sender.read_ack(input)?;
+        let version = sender.read_ack(input)?;
+        tracing::info!(
+            "destination speaks protocol version {version}: pages and blocks travel {}",
+            if version >= 2 {
+                "LZ4-compressed where that saves space"
+            } else {
+                "uncompressed"
+            }
+        );
         let udp_start = conn.stats().udp_tx.bytes;
         let precopy_start = Instant::now();
         // Bytes per second actually leaving through the socket since the Hello, and what
@@ -359,13 +367,23 @@ impl Source {
         let mut previous = None;
         let expected;
         loop {
-            // Let most of what is queued leave first: it is part of the downtime otherwise.
+            // Let what was sent be written at the destination first: data sent but not yet
+            // written there is part of the downtime otherwise, and a queue the estimate
+            // cannot see (the destination's socket and stream buffers, its CPU). A version
+            // 1 destination does not say when it has written a round: then wait only for
+            // most of what is queued here to leave.
             let waiting = Instant::now();
+            let last = per_round.len() as u32 - 1;
+            sender.wait_applied(input, last)?;
             while queued(out) as f64 > bandwidth() * budget.as_secs_f64() / 2.0
                 && waiting.elapsed() < DRAIN_WAIT
             {
                 std::thread::sleep(Duration::from_millis(2));
             }
+            tracing::debug!(
+                "round {last} written at the destination after {:.1} ms",
+                super::ms(waiting.elapsed())
+            );
             let asked = Instant::now();
             pending.add_pages(self.ask(ToVmm::Collect)?);
             let collect_time = asked.elapsed();
@@ -493,6 +511,11 @@ impl Source {
             super::ms(conn.rtt()),
             super::ms(expected.downtime()),
             super::ms(expected.fixed),
+        );
+        let (raw, sent) = sender.data_bytes();
+        tracing::info!(
+            "pages and blocks: {raw} bytes, {sent} on the wire ({:.2}x)",
+            raw as f64 / sent.max(1) as f64
         );
         Ok(Report {
             rounds: per_round.len() as u32,

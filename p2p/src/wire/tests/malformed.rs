@@ -11,8 +11,8 @@ pub(super) static PAGE: [u8; PAGE_SIZE] = [0xab; PAGE_SIZE];
 
 pub(super) fn hello() -> Vec<u8> {
     enc(Frame::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
         config: config(),
     }))
 }
@@ -146,7 +146,7 @@ fn header_fields() {
     };
     assert_eq!(
         refused(&[with(3, 4, 0)]).to_string(),
-        "protocol version 3 not supported (this build speaks 1)"
+        "protocol version 3 not supported (this build speaks 1..=2)"
     );
     assert!(matches!(
         refused(&[with(1, 0, 0)]),
@@ -371,7 +371,7 @@ fn frames_out_of_order() {
             "Pages frame out of order: expected Done".into(),
         ),
         (
-            vec![enc(Frame::HelloAck { version: 1 })],
+            vec![enc(Frame::HelloAck { version: 2 })],
             format!("HelloAck frame out of order: {round0}"),
         ),
         (
@@ -453,9 +453,11 @@ fn frames_out_of_order() {
 /// A whole migration from the Sender: one page, one round, the state, Done.
 fn small_migration() -> Vec<u8> {
     let mut tx = Sender::new(config()).unwrap();
+    // Uncompressed, so that the test below can alter a page's bytes in place.
+    tx.set_compression(false);
     let mut wire = Vec::new();
     tx.hello(&mut wire).unwrap();
-    tx.read_ack(&mut &enc(Frame::HelloAck { version: 1 })[..])
+    tx.read_ack(&mut &enc(Frame::HelloAck { version: 2 })[..])
         .unwrap();
     tx.page(&mut wire, 0x3000, &page_of(1)).unwrap();
     tx.end_round(&mut wire).unwrap();
@@ -540,10 +542,10 @@ fn hello_is_checked() {
         }))
     };
     assert_eq!(
-        fuzz::run(&hello_with(2, 3, config()))
+        fuzz::run(&hello_with(3, 4, config()))
             .unwrap_err()
             .to_string(),
-        "peer speaks protocol versions 2..=3, this build speaks 1..=1"
+        "peer speaks protocol versions 3..=4, this build speaks 1..=2"
     );
     let err = fuzz::run(&hello_with(1, 0, config())).unwrap_err();
     assert!(
@@ -559,7 +561,7 @@ fn hello_is_checked() {
         )
         .unwrap();
     assert!(
-        matches!(event, Event::Hello { version: 1, .. }),
+        matches!(event, Event::Hello { version: 2, .. }),
         "{event:?}"
     );
 

@@ -153,3 +153,107 @@ fn sink_errors_name_the_page_or_block() {
         assert_eq!(err.to_string(), expected);
     }
 }
+
+#[test]
+fn the_destination_says_when_a_round_is_written() {
+    let config = config();
+    let (mut tx, mut rx) = handshake(&config);
+    let mut sink = MemorySink::new(config.clone());
+    let mut wire = Vec::new();
+    tx.page(&mut wire, 0x1000, &page_of(1)).unwrap();
+    let err = tx.wait_applied(&mut &[][..], 0).unwrap_err();
+    assert!(matches!(err, WireError::Misuse(_)), "{err}");
+    tx.end_round(&mut wire).unwrap();
+    let mut back = Vec::new();
+    let err = rx.applied(&mut back, 0).unwrap_err();
+    assert!(matches!(err, WireError::Misuse(_)), "{err}");
+    let mut input = &wire[..];
+    rx.next(&mut input, &mut sink).unwrap();
+    assert!(matches!(
+        rx.next(&mut input, &mut sink).unwrap(),
+        Event::RoundEnd { round: 0, .. }
+    ));
+    rx.applied(&mut back, 0).unwrap();
+    tx.wait_applied(&mut &back[..], 0).unwrap();
+
+    // A round the source has not sent, or anything but RoundApplied or Abort, fails it.
+    let bogus = enc(Frame::RoundApplied { round: 7 });
+    let mut tx2 = handshake(&config).0;
+    tx2.end_round(&mut Vec::new()).unwrap();
+    assert_eq!(
+        tx2.wait_applied(&mut &bogus[..], 0)
+            .unwrap_err()
+            .to_string(),
+        "malformed RoundApplied frame: round 7 applied, but the last round sent is 0"
+    );
+    let mut tx3 = handshake(&config).0;
+    tx3.end_round(&mut Vec::new()).unwrap();
+    let abort = enc(Frame::Abort {
+        reason: "disk full".into(),
+    });
+    assert_eq!(
+        tx3.wait_applied(&mut &abort[..], 0)
+            .unwrap_err()
+            .to_string(),
+        "peer aborted the migration: disk full"
+    );
+    assert_eq!(tx3.phase(), SenderPhase::Failed);
+
+    // Ready passes over RoundApplied frames nobody waited for.
+    tx.page(&mut wire, 0x2000, &page_of(2)).unwrap();
+    tx.end_round(&mut wire).unwrap();
+    tx.state(&mut wire, &vm_state(&config)).unwrap();
+    tx.done(&mut wire).unwrap();
+    let later = [
+        enc(Frame::RoundApplied { round: 1 }),
+        enc(Frame::RoundApplied { round: 2 }),
+        enc(Frame::Ready),
+    ]
+    .concat();
+    tx.read_ready(&mut &later[..]).unwrap();
+    assert_eq!(tx.phase(), SenderPhase::Ready);
+
+    // From the source, RoundApplied is out of order.
+    let (_, mut rx) = handshake(&config);
+    let err = rx
+        .next(&mut &bogus[..], &mut MemorySink::new(config.clone()))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "RoundApplied frame out of order: expected pages or blocks of round 0, or its RoundEnd"
+    );
+}
+
+#[test]
+fn a_version_1_destination_is_not_waited_for() {
+    let mut tx = Sender::new(config()).unwrap();
+    tx.hello(&mut Vec::new()).unwrap();
+    let ack = Frame::HelloAck { version: 1 }.encode_as(1).unwrap();
+    tx.read_ack(&mut &ack[..]).unwrap();
+    tx.end_round(&mut Vec::new()).unwrap();
+    // Nothing to read: it returns at once.
+    tx.wait_applied(&mut &[][..], 0).unwrap();
+
+    let hello_v1 = Frame::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        config: config(),
+    })
+    .encode()
+    .unwrap();
+    let mut rx = Receiver::new();
+    let mut sink = MemorySink::new(config());
+    rx.next(&mut &hello_v1[..], &mut sink).unwrap();
+    rx.accept(&mut Vec::new()).unwrap();
+    let end = Frame::RoundEnd {
+        round: 0,
+        pages: 0,
+        blocks: 0,
+    }
+    .encode_as(1)
+    .unwrap();
+    rx.next(&mut &end[..], &mut sink).unwrap();
+    let mut back = Vec::new();
+    rx.applied(&mut back, 0).unwrap();
+    assert!(back.is_empty());
+}

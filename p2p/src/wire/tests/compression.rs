@@ -1,0 +1,231 @@
+//! Version 2's compressed data frames: what travels compressed, what arrives, what a v1
+//! peer gets, and each way a compressed frame can be wrong.
+
+use super::malformed::{hello, PAGE};
+use super::*;
+use crate::wire::frame::raw_header_for;
+
+/// A page that compresses well (text-like: a few distinct bytes), different per seed.
+fn text_page(seed: u64) -> Vec<u8> {
+    (0..PAGE_SIZE)
+        .map(|i| b"hospes "[(i + seed as usize) % 7])
+        .collect()
+}
+
+/// A page that does not compress (xorshift noise), different per seed.
+fn noise_page(seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..PAGE_SIZE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn frames(mut wire: &[u8]) -> Vec<Header> {
+    let (mut payload, mut out) = (Vec::new(), Vec::new());
+    while !wire.is_empty() {
+        out.push(read_frame(&mut wire, &mut payload).unwrap());
+    }
+    out
+}
+
+#[test]
+fn compressible_pages_travel_compressed_and_arrive_intact() {
+    let config = config();
+    let (mut tx, mut rx) = handshake(&config);
+    assert_eq!(tx.version(), 2);
+    let mut wire = Vec::new();
+    for i in 0..300 {
+        tx.page(&mut wire, i * 4096, &text_page(i)).unwrap();
+    }
+    tx.block(&mut wire, 0, 3, &text_page(99)).unwrap();
+    tx.end_round(&mut wire).unwrap();
+
+    let headers = frames(&wire);
+    let kinds: Vec<_> = headers.iter().map(|h| (h.kind, h.compressed())).collect();
+    assert_eq!(
+        kinds,
+        [
+            (FrameType::Pages, true),
+            (FrameType::Blocks, true),
+            (FrameType::RoundEnd, false)
+        ]
+    );
+    assert!(headers.iter().all(|h| h.version == 2));
+    let (raw, sent) = tx.data_bytes();
+    assert!(sent * 10 < raw, "{raw} bytes built, {sent} sent");
+    assert!(wire.len() < 20_000, "{} bytes on the wire", wire.len());
+
+    let mut sink = MemorySink::new(config);
+    let mut input = &wire[..];
+    for _ in 0..3 {
+        rx.next(&mut input, &mut sink).unwrap();
+    }
+    assert_eq!(sink.pages.len(), 300);
+    for i in 0..300 {
+        assert_eq!(sink.pages[&(i * 4096)], text_page(i), "page {i}");
+    }
+    assert_eq!(sink.blocks[&(0, 3)], text_page(99));
+}
+
+#[test]
+fn incompressible_pages_travel_as_they_are() {
+    let config = config();
+    let (mut tx, mut rx) = handshake(&config);
+    let mut wire = Vec::new();
+    for i in 0..8 {
+        tx.page(&mut wire, i * 4096, &noise_page(i + 1)).unwrap();
+    }
+    tx.end_round(&mut wire).unwrap();
+    let headers = frames(&wire);
+    assert!(!headers[0].compressed());
+    assert_eq!(headers[0].len as usize, 8 + 8 * (8 + PAGE_SIZE));
+    let (raw, sent) = tx.data_bytes();
+    assert_eq!(raw, sent);
+    let mut sink = MemorySink::new(config);
+    let mut input = &wire[..];
+    rx.next(&mut input, &mut sink).unwrap();
+    assert_eq!(sink.pages[&0x7000], noise_page(8));
+}
+
+#[test]
+fn a_version_1_peer_gets_version_1_frames_and_nothing_compressed() {
+    // A destination that speaks only version 1 answers the Hello with HelloAck 1.
+    let mut tx = Sender::new(config()).unwrap();
+    tx.hello(&mut Vec::new()).unwrap();
+    let ack = Frame::HelloAck { version: 1 }.encode_as(1).unwrap();
+    assert_eq!(tx.read_ack(&mut &ack[..]).unwrap(), 1);
+    let mut wire = Vec::new();
+    tx.page(&mut wire, 0, &text_page(0)).unwrap();
+    tx.end_round(&mut wire).unwrap();
+    let headers = frames(&wire);
+    assert!(headers.iter().all(|h| h.version == 1 && h.flags == 0));
+
+    // A source that offers only version 1 gets it; a compressed frame there is refused.
+    let hello_v1 = Frame::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        config: config(),
+    })
+    .encode()
+    .unwrap();
+    let mut rx = Receiver::new();
+    let mut sink = MemorySink::new(config());
+    let event = rx.next(&mut &hello_v1[..], &mut sink).unwrap();
+    assert!(
+        matches!(event, Event::Hello { version: 1, .. }),
+        "{event:?}"
+    );
+    let mut back = Vec::new();
+    rx.accept(&mut back).unwrap();
+    assert_eq!(frames(&back)[0].version, 1);
+    let err = rx
+        .next(
+            &mut &compressed_pages(1, &pages_payload(&[0]))[..],
+            &mut sink,
+        )
+        .unwrap_err();
+    assert_eq!(err.to_string(), "unknown flags 0x01 on a Pages frame");
+}
+
+/// The payload of a Pages frame of round 0 with PAGE at each gpa.
+fn pages_payload(gpas: &[u64]) -> Vec<u8> {
+    let mut p = 0u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&(gpas.len() as u32).to_le_bytes());
+    for gpa in gpas {
+        p.extend_from_slice(&gpa.to_le_bytes());
+        p.extend_from_slice(&PAGE);
+    }
+    p
+}
+
+/// A Pages frame of `version` flagged compressed, carrying `plain` compressed.
+fn compressed_pages(version: u16, plain: &[u8]) -> Vec<u8> {
+    let mut wire = (plain.len() as u32).to_le_bytes().to_vec();
+    wire.extend_from_slice(&lz4_flex::block::compress(plain));
+    flagged(version, FrameType::Pages, &wire)
+}
+
+fn flagged(version: u16, kind: FrameType, wire: &[u8]) -> Vec<u8> {
+    [
+        &raw_header_for(version, kind as u8, FLAG_LZ4, wire)[..],
+        wire,
+    ]
+    .concat()
+}
+
+fn refused(frames: &[Vec<u8>]) -> String {
+    let stream = [&[hello()], frames].concat().concat();
+    fuzz::run(&stream).unwrap_err().to_string()
+}
+
+#[test]
+fn bad_compressed_frames_are_refused_naming_the_problem() {
+    let plain = pages_payload(&[0, 0x1000]);
+    // The frame itself is fine.
+    let mut rx = Receiver::new();
+    let mut sink = MemorySink::new(config());
+    let stream = [hello(), compressed_pages(2, &plain)].concat();
+    let mut input = &stream[..];
+    rx.next(&mut input, &mut sink).unwrap();
+    rx.accept(&mut Vec::new()).unwrap();
+    assert!(matches!(
+        rx.next(&mut input, &mut sink),
+        Ok(Event::Applied { pages: 2, .. })
+    ));
+
+    let block = lz4_flex::block::compress(&plain);
+    let with_len = |len: u32, block: &[u8]| [&len.to_le_bytes()[..], block].concat();
+    let cases = [
+        (
+            flagged(2, FrameType::ZeroPages, &with_len(12, &block)),
+            "unknown flags 0x01 on a ZeroPages frame".to_string(),
+        ),
+        (
+            flagged(2, FrameType::Pages, &[1, 0]),
+            "malformed Pages frame: compressed payload of 2 bytes has no length".to_string(),
+        ),
+        (
+            flagged(2, FrameType::Pages, &with_len(5 << 20, &block)),
+            "malformed Pages frame: compressed payload inflates to 5242880 bytes, over the \
+             4194304 limit"
+                .to_string(),
+        ),
+        (
+            flagged(
+                2,
+                FrameType::Pages,
+                &with_len(plain.len() as u32 + 8, &block),
+            ),
+            format!(
+                "malformed Pages frame: compressed payload inflates to {} bytes, its length \
+                 says {}",
+                plain.len(),
+                plain.len() + 8
+            ),
+        ),
+        (
+            flagged(2, FrameType::Pages, &with_len(4096, &[0xf0, 1, 2, 3])),
+            "malformed Pages frame: LZ4 block: ".to_string(),
+        ),
+        (
+            [
+                &raw_header_for(1, FrameType::Pages as u8, 0, &plain)[..],
+                &plain,
+            ]
+            .concat(),
+            "Pages frame of protocol version 1, the version agreed is 2".to_string(),
+        ),
+    ];
+    for (frame, expected) in cases {
+        let err = refused(&[frame]);
+        assert!(err.starts_with(&expected), "{err:?} is not {expected:?}");
+    }
+    // Too short an output for the block: the decoder stops, it does not write past it.
+    let err = refused(&[flagged(2, FrameType::Pages, &with_len(100, &block))]);
+    assert!(err.starts_with("malformed Pages frame: "), "{err}");
+}
