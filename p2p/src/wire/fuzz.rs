@@ -97,17 +97,6 @@ pub fn migration() -> Result<Vec<u8>, WireError> {
     // Pages of one repeated byte travel compressed; blocks of noise do not, so that the
     // corpus has both kinds of data frame.
     let data = |seed: u8, len: usize| vec![seed; len];
-    let noise = |seed: u8, len: usize| {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<u8>>()
-    };
     tx.page(&mut w, 0, &data(1, PAGE_SIZE))?;
     tx.page(&mut w, 0x1000, &data(2, PAGE_SIZE))?;
     tx.page(&mut w, 1 << 32, &data(3, PAGE_SIZE))?;
@@ -129,6 +118,19 @@ pub fn migration() -> Result<Vec<u8>, WireError> {
 /// A record's type byte with this bit set is a frame with [`FLAG_LZ4`] (frame type codes
 /// are below it).
 const LZ4_RECORD: u8 = 0x80;
+
+/// `len` bytes of xorshift noise, different per seed: data LZ4 cannot compress.
+pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
 
 /// `stream`'s frames as records (see the module documentation), up to the first frame
 /// that does not read.

@@ -77,6 +77,26 @@ fn handshake(config: &MigrationConfig) -> (Sender, Receiver) {
     (tx, rx)
 }
 
+/// A Hello of `config()` offering version 1 only, as a version 1 source sends it.
+fn hello_v1() -> Vec<u8> {
+    Frame::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        config: config(),
+    })
+    .encode()
+    .unwrap()
+}
+
+/// A Sender for `config()` whose destination chose version 1.
+fn sender_acked_v1() -> Sender {
+    let mut tx = Sender::new(config()).unwrap();
+    tx.hello(&mut Vec::new()).unwrap();
+    let ack = Frame::HelloAck { version: 1 }.encode_as(1).unwrap();
+    assert_eq!(tx.read_ack(&mut &ack[..]).unwrap(), 1);
+    tx
+}
+
 /// Receives `wire` until Done.
 fn receive_all(rx: &mut Receiver, sink: &mut MemorySink, wire: &[u8]) -> Vec<Event> {
     let mut input = wire;

@@ -12,17 +12,9 @@ fn text_page(seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// A page that does not compress (xorshift noise), different per seed.
+/// A page that does not compress, different per seed.
 fn noise_page(seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..PAGE_SIZE)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    fuzz::noise(seed, PAGE_SIZE)
 }
 
 fn frames(mut wire: &[u8]) -> Vec<Header> {
@@ -95,10 +87,7 @@ fn incompressible_pages_travel_as_they_are() {
 #[test]
 fn a_version_1_peer_gets_version_1_frames_and_nothing_compressed() {
     // A destination that speaks only version 1 answers the Hello with HelloAck 1.
-    let mut tx = Sender::new(config()).unwrap();
-    tx.hello(&mut Vec::new()).unwrap();
-    let ack = Frame::HelloAck { version: 1 }.encode_as(1).unwrap();
-    assert_eq!(tx.read_ack(&mut &ack[..]).unwrap(), 1);
+    let mut tx = sender_acked_v1();
     let mut wire = Vec::new();
     tx.page(&mut wire, 0, &text_page(0)).unwrap();
     tx.end_round(&mut wire).unwrap();
@@ -106,13 +95,7 @@ fn a_version_1_peer_gets_version_1_frames_and_nothing_compressed() {
     assert!(headers.iter().all(|h| h.version == 1 && h.flags == 0));
 
     // A source that offers only version 1 gets it; a compressed frame there is refused.
-    let hello_v1 = Frame::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        config: config(),
-    })
-    .encode()
-    .unwrap();
+    let hello_v1 = hello_v1();
     let mut rx = Receiver::new();
     let mut sink = MemorySink::new(config());
     let event = rx.next(&mut &hello_v1[..], &mut sink).unwrap();

@@ -226,21 +226,12 @@ fn the_destination_says_when_a_round_is_written() {
 
 #[test]
 fn a_version_1_destination_is_not_waited_for() {
-    let mut tx = Sender::new(config()).unwrap();
-    tx.hello(&mut Vec::new()).unwrap();
-    let ack = Frame::HelloAck { version: 1 }.encode_as(1).unwrap();
-    tx.read_ack(&mut &ack[..]).unwrap();
+    let mut tx = sender_acked_v1();
     tx.end_round(&mut Vec::new()).unwrap();
     // Nothing to read: it returns at once.
     tx.wait_applied(&mut &[][..], 0).unwrap();
 
-    let hello_v1 = Frame::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        config: config(),
-    })
-    .encode()
-    .unwrap();
+    let hello_v1 = hello_v1();
     let mut rx = Receiver::new();
     let mut sink = MemorySink::new(config());
     rx.next(&mut &hello_v1[..], &mut sink).unwrap();
