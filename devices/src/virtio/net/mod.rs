@@ -18,7 +18,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::Bytes;
+use vm_memory::GuestMemoryBackend;
 
 use self::tap::Tap;
 use super::{
@@ -40,6 +40,8 @@ const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 /// mac (6 bytes) + status (le16).
 const CONFIG_LEN: usize = 8;
+/// Most buffers one `writev` takes (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
 
 /// How to build a [`Net`] device, from the service spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,7 +124,6 @@ pub struct Net {
     /// saved is lost, as on a lossy link, and the sender's TCP retransmits it.
     rx_frame: Vec<u8>,
     rx_len: usize,
-    tx_frame: Vec<u8>,
     descs: Vec<Descriptor>,
     warn: WarnLimiter,
 }
@@ -158,7 +159,6 @@ impl Net {
             queue_sizes: [QUEUE_SIZE; 2],
             rx_frame: vec![0; MAX_FRAME_LEN],
             rx_len: 0,
-            tx_frame: Vec::with_capacity(MAX_FRAME_LEN),
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
         })
     }
@@ -205,12 +205,12 @@ impl Net {
             head,
             reason,
         })?;
-        self.tx_frame.clear();
+        let mut frame_len = 0usize;
         for d in &self.descs {
             let len = d.len() as usize;
             let problem = if d.is_write_only() {
                 Some("a device-writable descriptor")
-            } else if self.tx_frame.len() + len > MAX_FRAME_LEN {
+            } else if frame_len + len > MAX_FRAME_LEN {
                 Some("more than the largest frame")
             } else if !chain::in_memory(mem, d.addr(), d.len()) {
                 Some("a buffer outside guest memory")
@@ -225,32 +225,51 @@ impl Net {
                 );
                 return Ok(0);
             }
-            let start = self.tx_frame.len();
-            self.tx_frame.resize(start + len, 0);
-            if mem
-                .read_slice(&mut self.tx_frame[start..], d.addr())
-                .is_err()
-            {
-                warn_limited!(self.warn, "tx chain {head} dropped: unreadable buffer");
-                return Ok(0);
-            }
+            frame_len += len;
         }
-        if self.tx_frame.len() <= VNET_HDR_LEN {
+        if frame_len <= VNET_HDR_LEN {
             warn_limited!(
                 self.warn,
-                "tx chain {head} dropped: {} bytes is no frame after the {VNET_HDR_LEN}-byte header",
-                self.tx_frame.len()
+                "tx chain {head} dropped: {frame_len} bytes is no frame after the {VNET_HDR_LEN}-byte header"
             );
             return Ok(0);
         }
-        match self.tap.write_frame(&self.tx_frame) {
+        // Straight from guest memory into the TAP (one writev): no copy of the frame here.
+        let mut slices = Vec::with_capacity(self.descs.len());
+        for d in &self.descs {
+            for slice in GuestMemoryBackend::get_slices(mem, d.addr(), d.len() as usize) {
+                match slice {
+                    Ok(slice) => slices.push(slice),
+                    Err(_) => {
+                        warn_limited!(self.warn, "tx chain {head} dropped: unreadable buffer");
+                        return Ok(0);
+                    }
+                }
+            }
+        }
+        if slices.len() > IOV_MAX {
+            warn_limited!(
+                self.warn,
+                "tx chain {head} dropped: {} buffers, at most {IOV_MAX} make one frame",
+                slices.len()
+            );
+            return Ok(0);
+        }
+        let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
+        let iovecs: Vec<libc::iovec> = guards
+            .iter()
+            .map(|g| libc::iovec {
+                iov_base: g.as_ptr().cast_mut().cast(),
+                iov_len: g.len(),
+            })
+            .collect();
+        match self.tap.write_iovecs(&iovecs) {
             Ok(_) => {}
             // The TAP's queue is full or the interface is down: the frame is lost, as on a
             // real link; the guest's TCP retransmits.
             Err(e) => warn_limited!(
                 self.warn,
-                "writing a {}-byte frame to TAP {} failed: {e}",
-                self.tx_frame.len(),
+                "writing a {frame_len}-byte frame to TAP {} failed: {e}",
                 self.tap.name()
             ),
         }

@@ -2,7 +2,7 @@
 //! with a 12-byte virtio-net header (virtio 1.x layout, with `num_buffers`) on every frame.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -112,9 +112,18 @@ impl Tap {
         (&self.file).read(buf)
     }
 
-    /// Writes one frame (with its vnet header).
-    pub(super) fn write_frame(&self, buf: &[u8]) -> io::Result<usize> {
-        (&self.file).write(buf)
+    /// Writes one frame (virtio-net header first) gathered from `iovecs`; a TAP takes a
+    /// whole frame per write. More than `IOV_MAX` (1024) buffers fail with EINVAL.
+    pub(super) fn write_iovecs(&self, iovecs: &[libc::iovec]) -> io::Result<usize> {
+        let count = libc::c_int::try_from(iovecs.len()).map_err(io::Error::other)?;
+        // SAFETY: every iovec describes memory the caller keeps mapped and readable for
+        // the call (guest memory slices held by their PtrGuards); writev only reads it.
+        let done = unsafe { libc::writev(self.file.as_raw_fd(), iovecs.as_ptr(), count) };
+        if done < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(done as usize)
+        }
     }
 }
 
