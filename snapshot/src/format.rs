@@ -24,8 +24,12 @@ use crate::VmState;
 
 /// The file's first bytes.
 pub const MAGIC: [u8; 8] = *b"HOSPESVM";
-/// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. Version 2 writes kvm-bindings' structs as hex
+/// strings (see `hex`); version 1 wrote them as arrays of byte values.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this build reads: the payload of version 1 differs only in the form
+/// of those structs, which the decoder takes either way.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
 /// The largest payload we read: far above any state within [`Caps`].
@@ -49,12 +53,14 @@ pub enum FormatError {
         computed: u32,
     },
     /// Written by another version of hospes.
-    #[error("unsupported format version {found}, this build reads version {supported}")]
+    #[error("unsupported format version {found}, this build reads versions {oldest} to {newest}")]
     UnsupportedVersion {
         /// Version in the header.
         found: u32,
+        /// [`MIN_FORMAT_VERSION`].
+        oldest: u32,
         /// [`FORMAT_VERSION`].
-        supported: u32,
+        newest: u32,
     },
     /// Flags this build does not know.
     #[error("unsupported format flags {0:#x}")]
@@ -169,10 +175,11 @@ pub fn decode(bytes: &[u8]) -> Result<VmState, FormatError> {
     }
     // The version before the header CRC: another version may lay its header out
     // differently, and "written by another format version" is what its user needs to hear.
-    if u32_at(8) != FORMAT_VERSION {
+    if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&u32_at(8)) {
         return Err(FormatError::UnsupportedVersion {
             found: u32_at(8),
-            supported: FORMAT_VERSION,
+            oldest: MIN_FORMAT_VERSION,
+            newest: FORMAT_VERSION,
         });
     }
     let (stored, computed) = (u32_at(28), crc32fast::hash(&header[..28]));
@@ -596,10 +603,10 @@ pub(crate) mod tests {
             assert!(matches!(err, FormatError::HeaderCrc { .. }), "{at}: {err}");
         }
         let mut bad = bytes.clone();
-        bad[8] ^= 0x01;
+        bad[8] ^= 0x04;
         let err = decode(&bad).unwrap_err();
         assert!(
-            matches!(err, FormatError::UnsupportedVersion { found: 0, .. }),
+            matches!(err, FormatError::UnsupportedVersion { found: 6, .. }),
             "{err}"
         );
 
@@ -612,13 +619,54 @@ pub(crate) mod tests {
         );
     }
 
+    /// A state as format version 1 wrote it: kvm-bindings' structs as arrays of numbers.
+    fn encode_v1(state: &VmState) -> Vec<u8> {
+        let mut json = serde_json::to_value(state).unwrap();
+        let vm = &state.vm;
+        json["vm"] = serde_json::json!({
+            "pic_master": vm.pic_master, "pic_slave": vm.pic_slave, "ioapic": vm.ioapic,
+            "pit": vm.pit, "clock": vm.clock,
+        });
+        for (i, v) in state.vcpus.iter().enumerate() {
+            let old = serde_json::json!({
+                "cpuid": v.cpuid, "mp_state": v.mp_state, "regs": v.regs, "sregs": v.sregs,
+                "xsave": v.xsave, "xcrs": v.xcrs, "debugregs": v.debugregs, "lapic": v.lapic,
+                "msrs": v.msrs, "events": v.events, "tsc_khz": v.tsc_khz,
+            });
+            json["vcpus"][i] = old;
+        }
+        assert!(json["vcpus"][0]["xsave"].is_array());
+        let payload = serde_json::to_vec(&json).unwrap();
+        patch_header(frame(&payload), 8, &1u32.to_le_bytes())
+    }
+
+    #[test]
+    fn reads_format_version_1() {
+        let state = sample_state();
+        let v2 = encode(&state).unwrap();
+        let v1 = encode_v1(&state);
+        assert!(
+            v1.len() > v2.len() * 3 / 2,
+            "hex is the compact form: v1 {} bytes, v2 {}",
+            v1.len(),
+            v2.len()
+        );
+        let back = decode(&v1).unwrap();
+        assert_eq!(encode(&back).unwrap(), v2, "the same state either way");
+    }
+
     #[test]
     fn version_flags_and_length_in_header() {
         let bytes = encode(&sample_state()).unwrap();
-        let err = decode(&patch_header(bytes.clone(), 8, &2u32.to_le_bytes())).unwrap_err();
+        let err = decode(&patch_header(bytes.clone(), 8, &3u32.to_le_bytes())).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unsupported format version 2, this build reads version 1"
+            "unsupported format version 3, this build reads versions 1 to 2"
+        );
+        let err = decode(&patch_header(bytes.clone(), 8, &0u32.to_le_bytes())).unwrap_err();
+        assert!(
+            matches!(err, FormatError::UnsupportedVersion { found: 0, .. }),
+            "{err}"
         );
         let err = decode(&patch_header(bytes.clone(), 12, &1u32.to_le_bytes())).unwrap_err();
         assert!(matches!(err, FormatError::UnknownFlags(1)), "{err}");

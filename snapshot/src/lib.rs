@@ -9,6 +9,7 @@
 pub mod dir;
 pub mod disk;
 pub mod format;
+mod hex;
 pub mod memory;
 mod sparse;
 mod state;

@@ -85,14 +85,19 @@ impl MemoryState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KvmVmState {
     /// KVM_GET_IRQCHIP chip 0.
+    #[serde(with = "crate::hex")]
     pub pic_master: kvm_irqchip,
     /// KVM_GET_IRQCHIP chip 1.
+    #[serde(with = "crate::hex")]
     pub pic_slave: kvm_irqchip,
     /// KVM_GET_IRQCHIP chip 2.
+    #[serde(with = "crate::hex")]
     pub ioapic: kvm_irqchip,
     /// KVM_GET_PIT2.
+    #[serde(with = "crate::hex")]
     pub pit: kvm_pit_state2,
     /// KVM_GET_CLOCK.
+    #[serde(with = "crate::hex")]
     pub clock: kvm_clock_data,
 }
 
@@ -100,24 +105,34 @@ pub struct KvmVmState {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
     /// The CPUID the vCPU was given.
+    #[serde(with = "crate::hex::vec")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// KVM_GET_MP_STATE.
+    #[serde(with = "crate::hex")]
     pub mp_state: kvm_mp_state,
     /// General registers.
+    #[serde(with = "crate::hex")]
     pub regs: kvm_regs,
     /// Segment and control registers.
+    #[serde(with = "crate::hex")]
     pub sregs: kvm_sregs,
     /// FPU, SSE and AVX state.
+    #[serde(with = "crate::hex")]
     pub xsave: kvm_xsave,
     /// Extended control registers.
+    #[serde(with = "crate::hex")]
     pub xcrs: kvm_xcrs,
     /// Debug registers.
+    #[serde(with = "crate::hex")]
     pub debugregs: kvm_debugregs,
     /// The local APIC's registers.
+    #[serde(with = "crate::hex")]
     pub lapic: kvm_lapic_state,
     /// Every MSR of KVM's index list that KVM could read.
+    #[serde(with = "crate::hex::vec")]
     pub msrs: Vec<kvm_msr_entry>,
     /// Pending exceptions, interrupts, NMIs, SMIs.
+    #[serde(with = "crate::hex")]
     pub events: kvm_vcpu_events,
     /// TSC frequency in kHz, when KVM reports it.
     pub tsc_khz: Option<u32>,
