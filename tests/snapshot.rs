@@ -153,8 +153,8 @@ const CORRUPTIONS: &[Corruption] = &[
     },
     Corruption {
         name: "wrong version",
-        make: "printf '\\002' | dd of=$d/state.bin bs=1 seek=8 conv=notrunc 2>/dev/null",
-        says: "version 2",
+        make: "printf '\\003' | dd of=$d/state.bin bs=1 seek=8 conv=notrunc 2>/dev/null",
+        says: "unsupported format version 3, this build reads versions 1 to 2",
     },
     Corruption {
         name: "memory file shorter than the state says",
@@ -193,7 +193,7 @@ fn every_corrupt_snapshot_exits_2_says_why_and_starts_nothing() {
         script.push_str(&format!(
             "d=/data/corrupt-cases/bad{i}; mkdir $d; ln good/memory.bin good/disk-data.img $d/; \
              cp good/state.bin $d/; {make}\n\
-             hospes restore $d --api-sock /tmp/bad.sock >/tmp/bad.out 2>&1; echo \"case{i} rc=$?\"\n\
+             timeout 120 hospes restore $d --api-sock /tmp/bad.sock >/tmp/bad.out 2>&1; echo \"case{i} rc=$?\"\n\
              sed 's/^/case{i} says: /' /tmp/bad.out; [ -S /tmp/bad.sock ] && echo case{i} left a socket\n",
             make = c.make
         ));
