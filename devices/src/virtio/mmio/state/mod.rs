@@ -48,8 +48,8 @@ pub enum RestoreError {
         /// Queues of the device.
         expected: usize,
     },
-    /// A queue's maximum size differs from what the device offers.
-    #[error("virtio device type {device_type} queue {index}: saved max size {saved}, the device offers {expected}")]
+    /// A queue's saved maximum size is above what the device offers now.
+    #[error("virtio device type {device_type} queue {index}: saved max size {saved}, above the {expected} the device offers")]
     QueueMaxSize {
         /// virtio device ID.
         device_type: u32,
@@ -309,7 +309,9 @@ impl MmioTransport {
         let device_type = self.device.device_type();
         let queue = &mut self.queues[index];
         let max = queue.max_size();
-        if saved.max_size != max {
+        // A smaller saved maximum comes from an older hospes (virtio-blk offered 256
+        // before 512): the driver chose its size within it, and that size still fits.
+        if saved.max_size > max {
             return Err(RestoreError::QueueMaxSize {
                 device_type,
                 index,

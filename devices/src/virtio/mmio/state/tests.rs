@@ -256,7 +256,7 @@ fn queue_size_above_max_is_refused() {
 }
 
 #[test]
-fn queue_max_size_mismatch_is_refused() {
+fn queue_max_size_above_the_device_is_refused() {
     let err = refused(|s| s.queues[0].max_size = 256);
     assert!(matches!(
         err,
@@ -267,6 +267,27 @@ fn queue_max_size_mismatch_is_refused() {
             ..
         }
     ));
+}
+
+#[test]
+fn a_smaller_saved_max_size_is_taken() {
+    // As a snapshot of an older hospes whose device offered smaller queues.
+    let mem = guest_memory();
+    let (device, _) = dummy();
+    let mut d = TestDriver::new(&mem, device);
+    d.bring_up(FEATURES | DUMMY_FEATURE, 2, 8);
+    d.add_chain(0, &[ro(DATA_BASE, 16)]);
+    d.process(0);
+    let mut saved = d.t().save_state();
+    for q in &mut saved.queues {
+        q.max_size = 8;
+    }
+    let (device, _) = dummy();
+    let mut d = d.restore(&saved, || device).unwrap();
+    d.t().resume();
+    d.add_chain(0, &[ro(DATA_BASE, 16)]);
+    d.process(0);
+    assert_eq!(d.used_idx(0), 2, "the restored queue goes on");
 }
 
 #[test]
