@@ -6,7 +6,8 @@
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::bitmap::MS;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, VolatileSlice};
 
 use crate::GuestMemoryMmap;
 
@@ -33,6 +34,24 @@ pub(crate) fn collect(
 /// Whether the `len` bytes at `addr` are all guest RAM.
 pub(crate) fn in_memory(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> bool {
     GuestMemoryBackend::check_range(mem, addr, len as usize)
+}
+
+/// A piece of guest memory as vm-memory hands it out, with its dirty bitmap.
+pub(crate) type GuestSlice<'m> = VolatileSlice<'m, MS<'m, GuestMemoryMmap>>;
+
+/// The guest memory behind the buffers `descs`, split at memory region boundaries: what
+/// a `preadv`/`pwritev`/`writev` straight from or into guest memory needs.
+pub(crate) fn guest_slices<'m>(
+    mem: &'m GuestMemoryMmap,
+    descs: &[Descriptor],
+) -> Result<Vec<GuestSlice<'m>>, GuestMemoryError> {
+    let mut slices = Vec::with_capacity(descs.len());
+    for d in descs {
+        for slice in GuestMemoryBackend::get_slices(mem, d.addr(), d.len() as usize) {
+            slices.push(slice?);
+        }
+    }
+    Ok(slices)
 }
 
 #[cfg(test)]

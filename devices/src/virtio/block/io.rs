@@ -9,19 +9,18 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::bitmap::{Bitmap, MS};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::volatile_memory::{PtrGuard, PtrGuardMut};
-use vm_memory::{Bytes, GuestMemoryBackend, VolatileSlice};
+use vm_memory::Bytes;
 
 use super::SECTOR_SIZE;
+use crate::virtio::chain::{guest_slices, GuestSlice};
 use crate::GuestMemoryMmap;
 
 /// Alignment of the bounce buffer; covers 512- and 4096-byte O_DIRECT requirements.
 const BOUNCE_ALIGN: usize = 4096;
 /// More iovecs than this and preadv/pwritev would fail with EINVAL.
 const IOV_MAX: usize = 1024;
-
-type GuestSlice<'m> = VolatileSlice<'m, MS<'m, GuestMemoryMmap>>;
 
 /// Reusable I/O state of one block device.
 #[derive(Debug, Default)]
@@ -40,7 +39,7 @@ impl BlockIo {
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        let slices = guest_slices(mem, data)?;
+        let slices = guest_slices(mem, data).map_err(io::Error::other)?;
         if slices.len() <= IOV_MAX && (!direct || all_aligned(&slices)) {
             let guards: Vec<PtrGuardMut> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
             let mut iovecs: Vec<libc::iovec> = guards
@@ -84,7 +83,7 @@ impl BlockIo {
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        let slices = guest_slices(mem, data)?;
+        let slices = guest_slices(mem, data).map_err(io::Error::other)?;
         if slices.len() <= IOV_MAX && (!direct || all_aligned(&slices)) {
             let guards: Vec<PtrGuard> = slices.iter().map(|s| s.ptr_guard()).collect();
             let mut iovecs: Vec<libc::iovec> = guards
@@ -123,20 +122,6 @@ impl BlockIo {
             .get_mut(start..start + len)
             .ok_or_else(|| io::Error::other("bounce buffer alignment failed"))
     }
-}
-
-/// The guest memory behind `data`, split at memory region boundaries.
-fn guest_slices<'m>(
-    mem: &'m GuestMemoryMmap,
-    data: &[Descriptor],
-) -> io::Result<Vec<GuestSlice<'m>>> {
-    let mut slices = Vec::with_capacity(data.len());
-    for d in data {
-        for slice in GuestMemoryBackend::get_slices(mem, d.addr(), d.len() as usize) {
-            slices.push(slice.map_err(io::Error::other)?);
-        }
-    }
-    Ok(slices)
 }
 
 fn all_aligned(slices: &[GuestSlice<'_>]) -> bool {

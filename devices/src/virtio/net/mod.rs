@@ -18,7 +18,6 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::GuestMemoryBackend;
 
 use self::tap::Tap;
 use super::{
@@ -235,18 +234,10 @@ impl Net {
             return Ok(0);
         }
         // Straight from guest memory into the TAP (one writev): no copy of the frame here.
-        let mut slices = Vec::with_capacity(self.descs.len());
-        for d in &self.descs {
-            for slice in GuestMemoryBackend::get_slices(mem, d.addr(), d.len() as usize) {
-                match slice {
-                    Ok(slice) => slices.push(slice),
-                    Err(_) => {
-                        warn_limited!(self.warn, "tx chain {head} dropped: unreadable buffer");
-                        return Ok(0);
-                    }
-                }
-            }
-        }
+        let Ok(slices) = chain::guest_slices(mem, &self.descs) else {
+            warn_limited!(self.warn, "tx chain {head} dropped: unreadable buffer");
+            return Ok(0);
+        };
         if slices.len() > IOV_MAX {
             warn_limited!(
                 self.warn,
