@@ -1,7 +1,10 @@
 //! Guest RAM: anonymous memory, 2 MiB aligned and advised for transparent huge pages, with
-//! a dirty bitmap per region (the VMM's own writes), registered with KVM as memory slots.
+//! a dirty bitmap per region (the VMM's own writes), registered with KVM as memory slots;
+//! and which of its pages were ever populated (`/proc/self/pagemap`).
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 
 use devices::GuestMemoryMmap;
 use kvm_bindings::kvm_userspace_memory_region;
@@ -152,10 +155,76 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
     Ok(())
 }
 
+/// One `/proc/self/pagemap` entry per page: bit 63 "present in RAM", bit 62 "swapped".
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+/// Pagemap entries read at once (512 KiB of entries, 256 MiB of guest RAM).
+const PAGEMAP_BATCH: usize = 64 << 10;
+
+/// The byte ranges `(offset, len)` of the `len` bytes of this process' memory at `host`
+/// whose pages are populated: present in RAM or swapped out, in order and merged.
+///
+/// Guest RAM is private anonymous memory, so a page that is neither was never written by
+/// anyone and reads as zeroes. The answer is a moment's view: a page may be populated just
+/// after. Callers that need every write use it together with dirty tracking started
+/// before the call (migration's round 0 does), which reports such pages later.
+pub fn populated_ranges(host: *const u8, len: usize) -> io::Result<Vec<(usize, usize)>> {
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let first = host as usize / PAGE_SIZE;
+    let pages = len.div_ceil(PAGE_SIZE);
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    let mut entries = vec![0u8; PAGEMAP_BATCH.min(pages) * 8];
+    let mut done = 0;
+    while done < pages {
+        let n = (pages - done).min(PAGEMAP_BATCH);
+        let buf = &mut entries[..n * 8];
+        pagemap.read_exact_at(buf, ((first + done) * 8) as u64)?;
+        for (i, entry) in buf.chunks_exact(8).enumerate() {
+            let entry = u64::from_le_bytes(entry.try_into().expect("chunks of 8 bytes"));
+            if entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) == 0 {
+                continue;
+            }
+            let offset = (done + i) * PAGE_SIZE;
+            let size = PAGE_SIZE.min(len - offset);
+            match ranges.last_mut() {
+                Some((at, l)) if *at + *l == offset => *l += size,
+                _ => ranges.push((offset, size)),
+            }
+        }
+        done += n;
+    }
+    Ok(ranges)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn populated_ranges_cover_what_was_written_and_not_the_rest() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let host = mem.get_host_address(GuestAddress(0)).unwrap();
+        assert_eq!(populated_ranges(host, 64 << 20).unwrap(), vec![]);
+        mem.write_obj(1u8, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(1u8, GuestAddress(40 << 20)).unwrap();
+        let ranges = populated_ranges(host, 64 << 20).unwrap();
+        let covered = |at: usize| ranges.iter().any(|&(o, l)| (o..o + l).contains(&at));
+        assert!(covered(0x1000) && covered(40 << 20), "{ranges:x?}");
+        // Each write populates its page, or its huge page with THP: not all of the RAM.
+        assert!(
+            !covered(20 << 20) && !covered((64 << 20) - 1),
+            "{ranges:x?}"
+        );
+        assert!(ranges.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0));
+        // A length that is not a whole number of pages ends where it says.
+        let short = populated_ranges(host, 0x1800).unwrap();
+        assert_eq!(
+            short.last().map(|&(o, l)| o + l),
+            Some(0x1800),
+            "{short:x?}"
+        );
+    }
 
     #[test]
     fn ram_is_huge_page_aligned_and_usable() {

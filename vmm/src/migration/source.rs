@@ -538,14 +538,17 @@ impl Source {
     ) -> Result<(), MigrationError> {
         let mut buf = vec![0u8; CHUNK_PAGES * PAGE_SIZE];
         for &(gpa, size) in &self.regions {
-            let mut at = 0;
-            while at < size {
-                let len = (size - at).min(buf.len() as u64) as usize;
-                self.read_memory(gpa + at, &mut buf[..len])?;
-                for (i, page) in buf[..len].chunks(PAGE_SIZE).enumerate() {
-                    sender.page(out, gpa + at + (i * PAGE_SIZE) as u64, page)?;
+            for (start, len) in self.populated(gpa, size) {
+                let end = start + len;
+                let mut at = start;
+                while at < end {
+                    let len = (end - at).min(buf.len() as u64) as usize;
+                    self.read_memory(gpa + at, &mut buf[..len])?;
+                    for (i, page) in buf[..len].chunks(PAGE_SIZE).enumerate() {
+                        sender.page(out, gpa + at + (i * PAGE_SIZE) as u64, page)?;
+                    }
+                    at += len as u64;
                 }
-                at += len as u64;
             }
         }
         for (index, disk) in self.disks.iter().enumerate() {
@@ -589,6 +592,29 @@ impl Source {
             }
         }
         Ok(())
+    }
+
+    /// The page-aligned ranges `(offset, len)` of the region at `gpa` that round 0 must
+    /// read: those ever populated. The rest of guest RAM was never touched, reads as
+    /// zeroes, and the destination's RAM starts zeroed: scanning it (three quarters of an
+    /// idle 512 MiB guest, measured in the rig) would only cost time. Dirty tracking is
+    /// on before this is asked, so a page populated after the answer is in a later round.
+    /// Without `/proc/self/pagemap`, the whole region.
+    fn populated(&self, gpa: u64, size: u64) -> Vec<(u64, u64)> {
+        let whole = vec![(0, size)];
+        let Ok(host) = self.mem.get_host_address(GuestAddress(gpa)) else {
+            return whole;
+        };
+        match crate::memory::populated_ranges(host, size as usize) {
+            Ok(ranges) => ranges
+                .into_iter()
+                .map(|(at, len)| (at as u64, len as u64))
+                .collect(),
+            Err(e) => {
+                tracing::warn!("reading every page of guest RAM: /proc/self/pagemap: {e}");
+                whole
+            }
+        }
     }
 
     fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MigrationError> {
