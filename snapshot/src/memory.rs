@@ -52,31 +52,46 @@ pub enum MemoryFileError {
 /// Writes `regions` back to back into `file` (truncated first), leaving zero pages as
 /// holes, and returns how many bytes of data it wrote. The guest must be paused.
 pub fn write_memory(file: &File, regions: &[&[u8]]) -> Result<u64, MemoryFileError> {
+    let whole: Vec<Vec<(usize, usize)>> = regions.iter().map(|r| vec![(0, r.len())]).collect();
+    write_populated_memory(file, regions, &whole)
+}
+
+/// [`write_memory`], reading of region `i` only the byte ranges `(offset, len)` of
+/// `populated[i]` (in order, inside the region): the caller knows the rest is zero, as
+/// anonymous memory never touched is, and it becomes holes without being read.
+pub fn write_populated_memory(
+    file: &File,
+    regions: &[&[u8]],
+    populated: &[Vec<(usize, usize)>],
+) -> Result<u64, MemoryFileError> {
     let write_err = |offset| move |source| MemoryFileError::Write { offset, source };
     // Dropping old contents makes every byte not written below a hole.
     file.set_len(0).map_err(write_err(0))?;
     let (mut base, mut written) = (0u64, 0u64);
-    for region in regions {
-        let mut run_start = None;
-        for (i, page) in region.chunks(PAGE_SIZE).enumerate() {
-            let at = i * PAGE_SIZE;
-            match (is_zero(page), run_start) {
-                (false, None) => run_start = Some(at),
-                (true, Some(start)) => {
-                    let offset = base + start as u64;
-                    file.write_all_at(&region[start..at], offset)
-                        .map_err(write_err(offset))?;
-                    written += (at - start) as u64;
-                    run_start = None;
+    for (region, ranges) in regions.iter().zip(populated) {
+        for &(from, len) in ranges {
+            let to = (from + len).min(region.len());
+            let mut write_run = |start: usize, end: usize| {
+                let offset = base + start as u64;
+                written += (end - start) as u64;
+                file.write_all_at(&region[start..end], offset)
+                    .map_err(write_err(offset))
+            };
+            let mut run_start = None;
+            for (i, page) in region[from..to].chunks(PAGE_SIZE).enumerate() {
+                let at = from + i * PAGE_SIZE;
+                match (is_zero(page), run_start) {
+                    (false, None) => run_start = Some(at),
+                    (true, Some(start)) => {
+                        write_run(start, at)?;
+                        run_start = None;
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
-        }
-        if let Some(start) = run_start {
-            let offset = base + start as u64;
-            file.write_all_at(&region[start..], offset)
-                .map_err(write_err(offset))?;
-            written += (region.len() - start) as u64;
+            if let Some(start) = run_start {
+                write_run(start, to)?;
+            }
         }
         base += region.len() as u64;
     }
@@ -178,6 +193,32 @@ mod tests {
         let zeros = vec![0u8; 2 << 20];
         assert_eq!(write_memory(&file.file, &[&zeros]).unwrap(), 0);
         assert!(allocated_bytes(&file.file).unwrap() < 64 << 10);
+    }
+
+    #[test]
+    fn only_the_populated_ranges_are_read() {
+        let memory = guest_memory();
+        let regions: Vec<&[u8]> = memory.iter().map(Vec::as_slice).collect();
+        // Region 0 whole; of region 1 only the three pages at 8 MiB and the last page.
+        let populated = vec![
+            vec![(0, 1 << 20)],
+            vec![
+                (8 << 20, 3 * PAGE_SIZE),
+                ((15 << 20) - PAGE_SIZE, PAGE_SIZE),
+            ],
+        ];
+        let file = TempFile::new("populated");
+        let written = write_populated_memory(&file.file, &regions, &populated).unwrap();
+        assert_eq!(written, 6 * PAGE_SIZE as u64);
+        assert_eq!(file.file.metadata().unwrap().len(), 16 << 20);
+
+        let mut back = vec![vec![0u8; 1 << 20], vec![0u8; 15 << 20]];
+        let mut dst: Vec<&mut [u8]> = back.iter_mut().map(Vec::as_mut_slice).collect();
+        read_memory(&file.file, &mut dst, 16 << 20).unwrap();
+        let mut expected = memory.clone();
+        expected[1][0] = 0; // outside the ranges: not read, a hole
+        expected[1][(5 << 20) + 4095] = 0;
+        assert!(back == expected);
     }
 
     #[test]

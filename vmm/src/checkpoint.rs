@@ -165,7 +165,13 @@ pub(crate) fn save(vm: &Vm, dir: &Path) -> Result<Saved, CheckpointError> {
     // devices; the slices are dropped before this function returns.
     let slices = unsafe { ram_slices(&vm.mem) };
     let readonly: Vec<&[u8]> = slices.iter().map(|s| &**s).collect();
-    let memory_bytes = snapshot::memory::write_memory(&file, &readonly)?;
+    // Pages never populated are zero: holes, without reading them. The guest is paused,
+    // so the answer cannot go stale.
+    let populated: Vec<Vec<(usize, usize)>> = readonly
+        .iter()
+        .map(|r| memory::populated_or_all(r.as_ptr(), r.len()))
+        .collect();
+    let memory_bytes = snapshot::memory::write_populated_memory(&file, &readonly, &populated)?;
     drop(readonly);
     drop(slices);
     let after_memory = start.elapsed();

@@ -196,6 +196,15 @@ pub fn populated_ranges(host: *const u8, len: usize) -> io::Result<Vec<(usize, u
     Ok(ranges)
 }
 
+/// [`populated_ranges`], or the whole range (with a warning) where `/proc/self/pagemap`
+/// cannot be read: then every page is read, which costs time, never correctness.
+pub fn populated_or_all(host: *const u8, len: usize) -> Vec<(usize, usize)> {
+    populated_ranges(host, len).unwrap_or_else(|e| {
+        tracing::warn!("reading every page of guest RAM: /proc/self/pagemap: {e}");
+        vec![(0, len)]
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -599,22 +599,14 @@ impl Source {
     /// zeroes, and the destination's RAM starts zeroed: scanning it (three quarters of an
     /// idle 512 MiB guest, measured in the rig) would only cost time. Dirty tracking is
     /// on before this is asked, so a page populated after the answer is in a later round.
-    /// Without `/proc/self/pagemap`, the whole region.
     fn populated(&self, gpa: u64, size: u64) -> Vec<(u64, u64)> {
-        let whole = vec![(0, size)];
         let Ok(host) = self.mem.get_host_address(GuestAddress(gpa)) else {
-            return whole;
+            return vec![(0, size)];
         };
-        match crate::memory::populated_ranges(host, size as usize) {
-            Ok(ranges) => ranges
-                .into_iter()
-                .map(|(at, len)| (at as u64, len as u64))
-                .collect(),
-            Err(e) => {
-                tracing::warn!("reading every page of guest RAM: /proc/self/pagemap: {e}");
-                whole
-            }
-        }
+        crate::memory::populated_or_all(host, size as usize)
+            .into_iter()
+            .map(|(at, len)| (at as u64, len as u64))
+            .collect()
     }
 
     fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MigrationError> {
