@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use rig::{NetConfig, RigConfig, L2};
 
+mod common;
+use common::counters;
+
 const HOSPES: &str = env!("CARGO_BIN_EXE_hospes");
 /// The longest one step may take.
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -330,20 +333,6 @@ impl fmt::Display for Test<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.log)
     }
-}
-
-/// Complete counter lines `c=N r=d=0000000N` of a log, as (counter, disk value read).
-fn counters(log: &str) -> Vec<(u64, u64)> {
-    log.lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("c=")?;
-            let (c, r) = rest.split_once(" r=d=")?;
-            // A line cut short (the VM stopped while printing it) is not a counter line.
-            let r = r.trim();
-            (r.len() == 8).then_some(())?;
-            Some((c.trim().parse().ok()?, r.parse().ok()?))
-        })
-        .collect()
 }
 
 /// The value after `key` on the first line that has it.

@@ -10,6 +10,7 @@ pub const HOSPES: &str = env!("CARGO_BIN_EXE_hospes");
 
 /// This test binary's L2: hospes, the default guest in /guest, and an ext4 disk at /data
 /// (O_DIRECT works there, unlike on tmpfs) for the guests' image files.
+#[allow(dead_code)]
 pub fn l2_with_data_disk() -> MutexGuard<'static, L2> {
     rig::shared(|| {
         let guest = rig::guest_dir().expect("default guest");
@@ -43,15 +44,20 @@ pub fn sh(dir: &str, prelude: &str, script: &str, timeout: Duration) -> String {
 // The counting guest's output (tests/snapshot.rs, tests/migration.rs): not every test
 // binary that shares this module reads it.
 
-/// Counter lines `c=N r=d=0000000N` of one output section, as (counter, disk value read).
+/// Complete counter lines `c=N r=d=0000000N` of an output (or a section of one), as
+/// (counter, disk value read).
 #[allow(dead_code)]
-pub fn counters(section: &str) -> Vec<(u64, u64)> {
-    section
+pub fn counters(output: &str) -> Vec<(u64, u64)> {
+    output
         .lines()
         .filter_map(|l| {
             let rest = l.strip_prefix("c=")?;
             let (c, r) = rest.split_once(" r=d=")?;
-            Some((c.trim().parse().ok()?, r.trim().parse().ok()?))
+            // A line cut short (the VM stopped, or the output was read, while it was being
+            // printed) is not a counter line: "c=93 r=d=0000009" would read as 9 for 93.
+            let r = r.trim();
+            (r.len() == 8).then_some(())?;
+            Some((c.trim().parse().ok()?, r.parse().ok()?))
         })
         .collect()
 }
