@@ -7,6 +7,7 @@
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::MS;
+use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, VolatileSlice};
 
 use crate::GuestMemoryMmap;
@@ -36,6 +37,10 @@ pub(crate) fn in_memory(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> 
     GuestMemoryBackend::check_range(mem, addr, len as usize)
 }
 
+/// Most buffers one `readv`/`writev`/`preadv`/`pwritev` takes (Linux's UIO_MAXIOV); more
+/// fail with EINVAL.
+pub(crate) const IOV_MAX: usize = 1024;
+
 /// A piece of guest memory as vm-memory hands it out, with its dirty bitmap.
 pub(crate) type GuestSlice<'m> = VolatileSlice<'m, MS<'m, GuestMemoryMmap>>;
 
@@ -52,6 +57,18 @@ pub(crate) fn guest_slices<'m>(
         }
     }
     Ok(slices)
+}
+
+/// The iovecs of guest memory held by `guards`, for a system call that only reads them
+/// (`writev`, `pwritev`); valid while the guards live.
+pub(crate) fn iovecs_to_read(guards: &[PtrGuard]) -> Vec<libc::iovec> {
+    guards
+        .iter()
+        .map(|g| libc::iovec {
+            iov_base: g.as_ptr().cast_mut().cast(),
+            iov_len: g.len(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -14,13 +14,11 @@ use vm_memory::volatile_memory::{PtrGuard, PtrGuardMut};
 use vm_memory::Bytes;
 
 use super::SECTOR_SIZE;
-use crate::virtio::chain::{guest_slices, GuestSlice};
+use crate::virtio::chain::{guest_slices, iovecs_to_read, GuestSlice, IOV_MAX};
 use crate::GuestMemoryMmap;
 
 /// Alignment of the bounce buffer; covers 512- and 4096-byte O_DIRECT requirements.
 const BOUNCE_ALIGN: usize = 4096;
-/// More iovecs than this and preadv/pwritev would fail with EINVAL.
-const IOV_MAX: usize = 1024;
 
 /// Reusable I/O state of one block device.
 #[derive(Debug, Default)]
@@ -86,13 +84,7 @@ impl BlockIo {
         let slices = guest_slices(mem, data).map_err(io::Error::other)?;
         if slices.len() <= IOV_MAX && (!direct || all_aligned(&slices)) {
             let guards: Vec<PtrGuard> = slices.iter().map(|s| s.ptr_guard()).collect();
-            let mut iovecs: Vec<libc::iovec> = guards
-                .iter()
-                .map(|g| libc::iovec {
-                    iov_base: g.as_ptr().cast_mut().cast(),
-                    iov_len: g.len(),
-                })
-                .collect();
+            let mut iovecs = iovecs_to_read(&guards);
             return transfer_all(file, &mut iovecs, offset, Direction::MemoryToFile);
         }
         let buf = self.bounce_buffer(len)?;

@@ -39,8 +39,6 @@ const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 /// mac (6 bytes) + status (le16).
 const CONFIG_LEN: usize = 8;
-/// Most buffers one `writev` takes (Linux's UIO_MAXIOV).
-const IOV_MAX: usize = 1024;
 
 /// How to build a [`Net`] device, from the service spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -238,23 +236,17 @@ impl Net {
             warn_limited!(self.warn, "tx chain {head} dropped: unreadable buffer");
             return Ok(0);
         };
-        if slices.len() > IOV_MAX {
+        if slices.len() > chain::IOV_MAX {
             warn_limited!(
                 self.warn,
-                "tx chain {head} dropped: {} buffers, at most {IOV_MAX} make one frame",
-                slices.len()
+                "tx chain {head} dropped: {} buffers, at most {} make one frame",
+                slices.len(),
+                chain::IOV_MAX
             );
             return Ok(0);
         }
         let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
-        let iovecs: Vec<libc::iovec> = guards
-            .iter()
-            .map(|g| libc::iovec {
-                iov_base: g.as_ptr().cast_mut().cast(),
-                iov_len: g.len(),
-            })
-            .collect();
-        match self.tap.write_iovecs(&iovecs) {
+        match self.tap.write_iovecs(&chain::iovecs_to_read(&guards)) {
             Ok(_) => {}
             // The TAP's queue is full or the interface is down: the frame is lost, as on a
             // real link; the guest's TCP retransmits.
