@@ -6,6 +6,7 @@ use kvm_bindings::{
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use serde::{Deserialize, Serialize};
+use zerocopy::FromBytes;
 
 /// The whole VM: machine configuration, KVM state, device state, where memory is.
 #[derive(Debug, Serialize, Deserialize)]
@@ -79,6 +80,94 @@ impl MemoryState {
     pub fn total_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.1).sum()
     }
+}
+
+impl VmState {
+    /// A state of the shape `machine` and `regions` describe, its KVM structures filled
+    /// with a non-zero pattern (so that no trailing zeros are left out: every byte takes
+    /// the encoder's and decoder's paths) and with idle devices: something to run them on
+    /// before the real state exists. A migration does, so that neither runs for the first time inside the
+    /// guest's pause (see `vmm::migration`). It passes every check [`crate::decode`] makes.
+    pub fn stand_in(machine: MachineConfig, regions: Vec<(u64, u64)>) -> VmState {
+        let queue = QueueState {
+            max_size: 256,
+            size: 256,
+            ready: true,
+            desc_table: 0x1000,
+            avail_ring: 0x2000,
+            used_ring: 0x3000,
+            next_avail: 1,
+            next_used: 1,
+            event_idx_enabled: true,
+        };
+        let transport = |device_type| VirtioTransportState {
+            device_type,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            acked_unknown_feature_word: false,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            interrupt_status: 0,
+            activated: true,
+            queues: vec![queue; 2],
+        };
+        let virtio = (machine.drives.iter().map(|_| transport(2)))
+            .chain(machine.nets.iter().map(|_| transport(1)))
+            .collect();
+        let vcpus = (0..machine.vcpus)
+            .map(|_| VcpuState {
+                cpuid: vec![patterned(); 40],
+                mp_state: patterned(),
+                regs: patterned(),
+                sregs: patterned(),
+                xsave: patterned(),
+                xcrs: patterned(),
+                debugregs: patterned(),
+                lapic: patterned(),
+                msrs: vec![patterned(); 100],
+                events: patterned(),
+                tsc_khz: Some(1),
+            })
+            .collect();
+        VmState {
+            machine,
+            memory: MemoryState {
+                file: crate::MEMORY_FILE.into(),
+                regions,
+            },
+            vm: KvmVmState {
+                pic_master: patterned(),
+                pic_slave: patterned(),
+                ioapic: patterned(),
+                pit: patterned(),
+                clock: patterned(),
+            },
+            vcpus,
+            devices: DevicesState {
+                serial: SerialState {
+                    baud_divisor_low: 1,
+                    baud_divisor_high: 0,
+                    interrupt_enable: 0,
+                    interrupt_identification: 1,
+                    line_control: 3,
+                    line_status: 0x60,
+                    modem_control: 8,
+                    modem_status: 0xb0,
+                    scratch: 0,
+                    in_buffer: vec![b'\n'],
+                },
+                virtio,
+            },
+        }
+    }
+}
+
+/// A `T` whose every byte is 0x5a.
+fn patterned<T: FromBytes>() -> T {
+    let bytes = vec![0x5a; std::mem::size_of::<T>()];
+    T::read_from_bytes(&bytes).unwrap_or_else(|_| unreachable!("exactly size_of::<T>() bytes"))
 }
 
 /// VM-wide KVM state.

@@ -30,6 +30,7 @@
 //! (flags cleared: KVM rejects flags it sets itself, such as TSC_STABLE), then the two PICs
 //! and the IOAPIC.
 
+use crate::laps::Laps;
 use kvm_bindings::{
     kvm_irqchip, kvm_msr_entry, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
@@ -101,27 +102,35 @@ fn vm_err(ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
 /// Reads the state of paused vCPU `index`. `msr_index` is KVM's MSR index list
 /// (`KVM_GET_MSR_INDEX_LIST`); MSRs KVM will not read for this vCPU are left out.
 pub fn save_vcpu(fd: &VcpuFd, index: u32, msr_index: &[u32]) -> Result<VcpuState, StateError> {
+    let mut laps = Laps::start();
     let mp_state = fd
         .get_mp_state()
         .map_err(vcpu_err(index, "KVM_GET_MP_STATE"))?;
     let regs = fd.get_regs().map_err(vcpu_err(index, "KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(vcpu_err(index, "KVM_GET_SREGS"))?;
+    laps.lap("mp_state+regs+sregs");
     let xsave = fd.get_xsave().map_err(vcpu_err(index, "KVM_GET_XSAVE"))?;
     let xcrs = fd.get_xcrs().map_err(vcpu_err(index, "KVM_GET_XCRS"))?;
     let debugregs = fd
         .get_debug_regs()
         .map_err(vcpu_err(index, "KVM_GET_DEBUGREGS"))?;
+    laps.lap("xsave+xcrs+debugregs");
     let lapic = fd.get_lapic().map_err(vcpu_err(index, "KVM_GET_LAPIC"))?;
+    laps.lap("lapic");
     let msrs = read_msrs(fd, index, msr_index)?;
+    laps.lap("msrs");
     let cpuid = fd
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
         .map_err(vcpu_err(index, "KVM_GET_CPUID2"))?
         .as_slice()
         .to_vec();
+    laps.lap("cpuid");
     let tsc_khz = fd.get_tsc_khz().ok();
     let events = fd
         .get_vcpu_events()
         .map_err(vcpu_err(index, "KVM_GET_VCPU_EVENTS"))?;
+    laps.lap("tsc+events");
+    tracing::debug!("vCPU {index} saved ({} MSRs): {laps}", msrs.len());
     Ok(VcpuState {
         cpuid,
         mp_state,
@@ -170,6 +179,7 @@ fn read_msrs(fd: &VcpuFd, index: u32, msr_index: &[u32]) -> Result<Vec<kvm_msr_e
 
 /// Puts `state` into freshly created vCPU `index`, in the order the module explains.
 pub fn restore_vcpu(fd: &VcpuFd, index: u32, state: &VcpuState) -> Result<(), StateError> {
+    let mut laps = Laps::start();
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| StateError::TooMany {
         index,
         what: "CPUID",
@@ -178,6 +188,7 @@ pub fn restore_vcpu(fd: &VcpuFd, index: u32, state: &VcpuState) -> Result<(), St
     })?;
     fd.set_cpuid2(&cpuid)
         .map_err(vcpu_err(index, "KVM_SET_CPUID2"))?;
+    laps.lap("cpuid");
     if let Some(khz) = state.tsc_khz {
         // Same frequency (the common case, and always on the host that saved it): nothing
         // to do. Otherwise scale, where the CPU can.
@@ -189,10 +200,12 @@ pub fn restore_vcpu(fd: &VcpuFd, index: u32, state: &VcpuState) -> Result<(), St
             }
         }
     }
+    laps.lap("tsc");
     fd.set_sregs(&state.sregs)
         .map_err(vcpu_err(index, "KVM_SET_SREGS"))?;
     fd.set_regs(&state.regs)
         .map_err(vcpu_err(index, "KVM_SET_REGS"))?;
+    laps.lap("sregs+regs");
     // SAFETY: `state.xsave` is a whole `kvm_xsave` (4 KiB region); KVM_SET_XSAVE copies
     // exactly `sizeof(struct kvm_xsave)` from it. The larger KVM_SET_XSAVE2 layout is only
     // needed for dynamically enabled features (AMX), which hospes never enables.
@@ -201,13 +214,18 @@ pub fn restore_vcpu(fd: &VcpuFd, index: u32, state: &VcpuState) -> Result<(), St
         .map_err(vcpu_err(index, "KVM_SET_XCRS"))?;
     fd.set_debug_regs(&state.debugregs)
         .map_err(vcpu_err(index, "KVM_SET_DEBUGREGS"))?;
+    laps.lap("xsave+xcrs+debugregs");
     fd.set_lapic(&state.lapic)
         .map_err(vcpu_err(index, "KVM_SET_LAPIC"))?;
+    laps.lap("lapic");
     write_msrs(fd, index, &state.msrs)?;
+    laps.lap("msrs");
     fd.set_mp_state(state.mp_state)
         .map_err(vcpu_err(index, "KVM_SET_MP_STATE"))?;
     fd.set_vcpu_events(&state.events)
         .map_err(vcpu_err(index, "KVM_SET_VCPU_EVENTS"))?;
+    laps.lap("mp_state+events");
+    tracing::debug!("vCPU {index} restored: {laps}");
     Ok(())
 }
 

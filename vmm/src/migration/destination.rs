@@ -11,7 +11,9 @@
 //!    zeroed) and sparse drive images of the announced sizes are made, and the VM is
 //!    built as far as its configuration alone allows (`checkpoint::prebuild`: the KVM VM,
 //!    memory registered, drive images open, vCPUs created), so that the source's pause
-//!    does not wait for it; then HelloAck. Whatever fails here refuses the Hello.
+//!    does not wait for it. What phase two will run on the state is rehearsed on the
+//!    fresh VM's own (`Prebuilt::rehearse`), so that it does not run for the first time
+//!    inside the guest's pause; then HelloAck. Whatever fails here refuses the Hello.
 //! 4. Pages and blocks are written as they arrive (the `Receiver` has checked each one),
 //!    into the memory KVM already maps (no vCPU runs) and the drive images.
 //! 5. On Done (the hash matched): the build is finished from the State frame
@@ -29,7 +31,7 @@ use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use p2p::wire::{Event, Receiver, Sink, BLOCK_SIZE};
 use p2p::{Endpoint, Identity, PeerId};
@@ -39,6 +41,7 @@ use super::stream::{runtime, StreamReader, StreamWriter};
 use super::MigrationError;
 use crate::api::ApiServer;
 use crate::checkpoint;
+use crate::laps::Laps;
 use crate::layout::ram_ranges;
 use crate::vm::{self, Outcome};
 use crate::{memory, VmmError};
@@ -69,6 +72,10 @@ struct Target {
     disks: Vec<File>,
     /// Drive images made here, deleted unless the VM runs.
     made: Vec<PathBuf>,
+    /// Where the VM comes from.
+    from: SocketAddr,
+    /// What the API reports as the VM's spec, made from the Hello.
+    spec_json: serde_json::Value,
 }
 
 impl Target {
@@ -154,6 +161,8 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
         prebuilt: None,
         disks: Vec::new(),
         made: Vec::new(),
+        from: conn.remote_address(),
+        spec_json: serde_json::Value::Null,
     };
 
     // 3-4.
@@ -174,23 +183,24 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
     };
 
     // 5.
-    let done = Instant::now();
+    let mut laps = Laps::start();
     // Every page and block is in: the VM's own handles are the only ones needed now.
     target.mem = None;
     target.disks.clear();
+    laps.lap("close the stream's handles");
     let built = match target.prebuilt.take() {
         Some(prebuilt) => checkpoint::check_layout(&options.dir, &state).and_then(|()| {
-            let spec_json = serde_json::json!({
-                "migrated_from": conn.remote_address().to_string(),
-                "machine": state.machine,
-            });
-            checkpoint::finish_build(prebuilt, *state, spec_json)
+            laps.lap("check the layout");
+            let spec_json = std::mem::take(&mut target.spec_json);
+            let built = checkpoint::finish_build(prebuilt, *state, spec_json);
+            laps.lap("phase two");
+            built
         }),
         None => Err(MigrationError::Unacceptable("the stream ended without a Hello".into()).into()),
     };
     let built = match built {
         Ok(built) => {
-            tracing::info!("Done to VM built: {:.1} ms", super::ms(done.elapsed()));
+            tracing::info!("Done to VM built: {laps}");
             built
         }
         Err(e) => {
@@ -359,6 +369,13 @@ fn prepare(
     // it maps from now on.
     let prebuilt = checkpoint::prebuild(&config.machine, mem.clone(), dir)
         .map_err(|e| format!("cannot build this VM here: {e}"))?;
+    prebuilt.rehearse();
+    // The State's machine must be this one (`finish_build` checks): its spec is made now
+    // rather than inside the guest's pause.
+    target.spec_json = serde_json::json!({
+        "migrated_from": target.from.to_string(),
+        "machine": config.machine,
+    });
     target.prebuilt = Some(prebuilt);
     target.mem = Some(mem);
     Ok(())
