@@ -20,7 +20,8 @@
 //!    in the next round's set, a write before it is in what round 0 reads.
 //! 3. Round 0: every non-zero page and disk block. Rounds 1..: what was dirtied since.
 //! 4. Before each round, the downtime stop-and-copy would cost now ([`Estimate`]): the
-//!    dirty set's bytes plus what is still unsent in the QUIC buffers, over the bandwidth
+//!    dirty set's bytes as they will go out compressed ([`wire_share`]) plus what is still
+//!    unsent in the QUIC buffers, over the bandwidth
 //!    measured so far (UDP bytes out per second since the Hello), plus the fixed costs
 //!    no round makes smaller (the round trips of Ready and Commit, pausing and reading
 //!    the state). [`decide`] stops when that fits the budget, or when the bytes alone fit
@@ -277,6 +278,25 @@ impl Estimate {
     }
 }
 
+/// Below this many payload bytes a round says little about how its data compresses.
+const SHARE_MIN_BYTES: u64 = 64 << 10;
+
+/// The share of its size a dirty page or block takes on the wire: pages and blocks go
+/// out compressed, and the bandwidth is measured in bytes on the wire. Taken from the
+/// last round's data frames, `(raw, wire)` payload bytes, when it carried enough to tell;
+/// else from all of them so far, `total`; else 1. Zero pages travel as a few bytes each
+/// and are not in either, so this errs high.
+pub fn wire_share(last: (u64, u64), total: (u64, u64)) -> f64 {
+    let share = |(raw, wire): (u64, u64)| (wire as f64 / raw as f64).clamp(0.0, 1.0);
+    if last.0 >= SHARE_MIN_BYTES {
+        share(last)
+    } else if total.0 > 0 {
+        share(total)
+    } else {
+        1.0
+    }
+}
+
 /// What pre-copy does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -380,6 +400,19 @@ mod tests {
         // Stalled, but the bytes alone are over the budget: not converged yet.
         let big = at(200_000, 80);
         assert_eq!(decide(big, Some(big), BUDGET, 2), Decision::Continue);
+    }
+
+    #[test]
+    fn the_wire_share_comes_from_the_last_round_when_it_carried_enough() {
+        let total = (10 << 20, 5 << 20);
+        assert_eq!(wire_share((1 << 20, 1 << 18), total), 0.25);
+        // Too little in the last round to tell: everything so far.
+        assert_eq!(wire_share((4096, 4096), total), 0.5);
+        // Nothing compressed yet (or a version 1 peer): as it is.
+        assert_eq!(wire_share((0, 0), (0, 0)), 1.0);
+        // LZ4 can grow incompressible data a little; the estimate never counts it smaller
+        // than nothing or larger than raw.
+        assert_eq!(wire_share((1 << 20, (1 << 20) + 100), total), 1.0);
     }
 
     #[test]

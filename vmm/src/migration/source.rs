@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use devices::virtio::{set_bits, DiskDirty};
 use p2p::wire::{MigrationConfig, Sender, BLOCK_SIZE, PAGE_SIZE};
 use p2p::{Endpoint, Identity};
-use snapshot::MachineConfig;
+use snapshot::{MachineConfig, VmState};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -304,6 +304,12 @@ impl Source {
         self.progress(|p| p.phase = "precopy");
         sender.hello(out)?;
         let version = sender.read_ack(input)?;
+        // The State's encoder, run once now on a stand-in rather than for the first time
+        // inside the guest's pause (see `snapshot::rehearse`).
+        let stand_in = VmState::stand_in(self.machine.clone(), self.regions.clone());
+        if let Err(e) = snapshot::encode(&stand_in) {
+            tracing::debug!("encoding a stand-in state: {e}");
+        }
         tracing::info!(
             "destination speaks protocol version {version}: pages and blocks travel {}",
             if version >= 2 {
@@ -362,6 +368,7 @@ impl Source {
         })?;
 
         let mut pending = Pending::default();
+        let mut data_mark = sender.data_bytes();
         let mut collected = Instant::now();
         let mut throttle = 0;
         let mut previous = None;
@@ -391,7 +398,11 @@ impl Source {
             let dirty_rate = pending.bytes() as f64 / collected.elapsed().as_secs_f64().max(1e-3);
             collected = Instant::now();
             let bw = bandwidth();
-            let left = pending.bytes() + queued(out);
+            let data = sender.data_bytes();
+            let last_round = (data.0 - data_mark.0, data.1 - data_mark.1);
+            data_mark = data;
+            let share = super::wire_share(last_round, data);
+            let left = (pending.bytes() as f64 * share) as u64 + queued(out);
             let fixed = fixed_costs(conn.rtt(), collect_time);
             let estimate = Estimate::new(left, bw, fixed);
             let rounds = per_round.len() as u32;
@@ -405,9 +416,11 @@ impl Source {
             });
             let decision = decide(estimate, previous, budget, rounds);
             tracing::info!(
-                "after round {}: {left} bytes to go at {:.1} MB/s (dirtied at {:.1} MB/s): \
-                 {:.1} ms + fixed {:.1} ms (RTT {:.1} ms, Collect {:.1} ms): {decision:?}",
+                "after round {}: {left} bytes to go ({} dirty, {share:.2} of it on the wire) \
+                 at {:.1} MB/s (dirtied at {:.1} MB/s): {:.1} ms + fixed {:.1} ms \
+                 (RTT {:.1} ms, Collect {:.1} ms): {decision:?}",
                 rounds - 1,
+                pending.bytes(),
                 bw / 1e6,
                 dirty_rate / 1e6,
                 super::ms(estimate.bytes_time),
@@ -483,8 +496,9 @@ impl Source {
             .map_err(MigrationError::Vmm)?;
         laps.lap("rest of the capture");
         sender.state(out, &state)?;
+        laps.lap("state");
         sender.done(out)?;
-        laps.lap("state+done");
+        laps.lap("done");
         let state_bytes = out.bytes - before - last_round_bytes;
         // Step 6: the destination has everything and has built the VM. What is still
         // queued has to reach it first, at whatever the link does now.
