@@ -198,8 +198,13 @@ pub(crate) fn inflate(header: &Header, wire: &[u8], out: &mut Vec<u8>) -> Result
             header.kind.max_payload()
         )));
     }
-    out.clear();
-    out.resize(len, 0);
+    // Only growth is zero-filled: frames are mostly of one size, so refilling all of
+    // it for each would cost as much again as the copy the decoder makes.
+    if out.len() < len {
+        out.resize(len, 0);
+    } else {
+        out.truncate(len);
+    }
     let got = lz4_flex::block::decompress_into(block, out)
         .map_err(|e| malformed(format!("LZ4 block: {e}")))?;
     if got != len {
@@ -210,26 +215,32 @@ pub(crate) fn inflate(header: &Header, wire: &[u8], out: &mut Vec<u8>) -> Result
     Ok(())
 }
 
-/// `payload` compressed as [`inflate`] reads it, into `out`; false (and `out` unspecified)
-/// when that would not save at least a sixteenth, so that incompressible data (random disk
-/// blocks, encrypted files) travels as it is.
-pub(crate) fn deflate(payload: &[u8], out: &mut Vec<u8>) -> bool {
-    let Ok(len) = u32::try_from(payload.len()) else {
-        return false;
-    };
-    out.clear();
-    out.resize(
-        4 + lz4_flex::block::get_maximum_output_size(payload.len()),
-        0,
-    );
-    out[..4].copy_from_slice(&len.to_le_bytes());
-    match lz4_flex::block::compress_into(payload, &mut out[4..]) {
-        Ok(n) if 4 + n <= payload.len() - payload.len() / 16 => {
-            out.truncate(4 + n);
-            true
-        }
-        _ => false,
+/// Payloads at least this large are first tried on their first [`PROBE`] bytes.
+const PROBE: usize = 64 << 10;
+
+/// `payload` compressed as [`inflate`] reads it, into `out[..n]`: returns `n`, or `None`
+/// (and `out` unspecified) when that would not save at least a sixteenth, so that
+/// incompressible data (random disk blocks, encrypted files, a guest's random working set)
+/// travels as it is. A payload of more than two [`PROBE`]s whose first probe does not
+/// save that is sent as it is without trying the rest: compressing what does not
+/// compress costs about as much as compressing what does, for nothing. `out` keeps its
+/// size from one call to the next: it is never filled, only written.
+pub(crate) fn deflate(payload: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    let len = u32::try_from(payload.len()).ok()?;
+    let worth = |raw: usize, packed: usize| packed <= raw - raw / 16;
+    let room = 4 + lz4_flex::block::get_maximum_output_size(payload.len());
+    if out.len() < room {
+        out.resize(room, 0);
     }
+    if payload.len() >= 2 * PROBE {
+        let probe = lz4_flex::block::compress_into(&payload[..PROBE], &mut out[4..]).ok()?;
+        if !worth(PROBE, probe) {
+            return None;
+        }
+    }
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    let n = lz4_flex::block::compress_into(payload, &mut out[4..room]).ok()?;
+    worth(payload.len(), 4 + n).then_some(4 + n)
 }
 
 fn raw_header(version: u16, code: u8, flags: u8, len: u32, crc: u32) -> [u8; HEADER_LEN] {
@@ -290,11 +301,32 @@ pub fn read_frame(input: &mut impl Read, payload: &mut Vec<u8>) -> Result<Header
         }
     }
     let header = Header::parse(&raw)?;
-    payload.clear();
-    // Up front only what any data frame may need; a State grows as it arrives.
-    payload.reserve((header.len as usize).min(MAX_PAYLOAD));
-    let got = Read::take(&mut *input, header.len.into()).read_to_end(payload)?;
-    if got < header.len as usize {
+    let len = header.len as usize;
+    let got = if len <= MAX_PAYLOAD {
+        // Up front only what any data frame may need, and zero-filled only where the
+        // buffer grows: data frames are mostly of one size.
+        if payload.len() < len {
+            payload.resize(len, 0);
+        } else {
+            payload.truncate(len);
+        }
+        let mut got = 0;
+        while got < len {
+            match input.read(&mut payload[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        got
+    } else {
+        // A State grows as it arrives.
+        payload.clear();
+        payload.reserve(MAX_PAYLOAD);
+        Read::take(&mut *input, header.len.into()).read_to_end(payload)?
+    };
+    if got < len {
         return Err(WireError::TruncatedPayload {
             kind: header.kind,
             expected: header.len,

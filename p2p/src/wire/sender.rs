@@ -478,14 +478,14 @@ impl Sender {
         };
         self.payload[at..at + 4].copy_from_slice(&self.count.to_le_bytes());
         let compressible = matches!(frame, FrameType::Pages | FrameType::Blocks);
-        let packed = compressible
-            && self.compress
-            && self.version >= 2
-            && deflate(&self.payload, &mut self.packed);
-        let (flags, wire) = if packed {
-            (FLAG_LZ4, &self.packed)
+        let packed = if compressible && self.compress && self.version >= 2 {
+            deflate(&self.payload, &mut self.packed)
         } else {
-            (0, &self.payload)
+            None
+        };
+        let (flags, wire) = match packed {
+            Some(n) => (FLAG_LZ4, &self.packed[..n]),
+            None => (0, &self.payload[..]),
         };
         let header = header_for(self.version, frame, flags, wire);
         out.write_all(&header)?;

@@ -338,6 +338,40 @@ pub fn decide(
     Decision::Continue
 }
 
+/// Auto-converge's first throttle, in percent of the time the vCPUs spend outside the
+/// guest: QEMU's cpu-throttle-initial.
+pub const THROTTLE_INITIAL: u32 = 20;
+/// Auto-converge's ceiling: the vCPUs always keep 1% (QEMU's maximum too).
+pub const THROTTLE_MAX: u32 = 99;
+
+/// The throttle after one more round that did not converge, given `link_ratio`: the
+/// link's bandwidth over the fastest rate the guest was seen dirtying memory, both in bytes
+/// on the wire. The guest's share of time (100 − throttle) becomes the smaller of:
+/// - a step down: 80% at first ([`THROTTLE_INITIAL`]), then half of what it was, as QEMU
+///   adds its cpu-throttle-increment (10 points) but faster, since each round at a
+///   throttle too weak to matter resends the whole working set;
+/// - the share at which the guest would dirty half of what the link carries, from the
+///   rate seen. That rate is a lower bound: a round that outlasts the working set's
+///   rewrite finds the working set dirty, not more, so the fastest rate comes from the
+///   shortest interval, the one after round 0.
+///
+/// The bursts a high throttle leaves are what let a round find little dirty (see
+/// `vcpu::THROTTLE_SLICE`). Never above [`THROTTLE_MAX`].
+pub fn next_throttle(percent: u32, link_ratio: f64) -> u32 {
+    let run = 100 - percent.min(THROTTLE_MAX);
+    let stepped = if percent == 0 {
+        100 - THROTTLE_INITIAL
+    } else {
+        run / 2
+    };
+    let needed = if link_ratio.is_finite() {
+        (link_ratio * 50.0).clamp(0.0, 100.0) as u32
+    } else {
+        100
+    };
+    (100 - stepped.min(needed)).clamp(THROTTLE_INITIAL, THROTTLE_MAX)
+}
+
 /// A pause long enough to read, in whole milliseconds and a fraction.
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -353,6 +387,30 @@ mod tests {
     /// `bytes` at 1 MB/s (1000 bytes a millisecond), with `fixed_ms` of fixed costs.
     fn at(bytes: u64, fixed_ms: u32) -> Estimate {
         Estimate::new(bytes, 1e6, fixed_ms * MS)
+    }
+
+    #[test]
+    fn each_throttle_step_halves_the_guests_share_or_cuts_it_to_what_the_link_carries() {
+        // A guest dirtying just over half as fast as the link carries (throttling starts
+        // there): steps of a half.
+        let mut steps = vec![];
+        let mut p = 0;
+        while p < THROTTLE_MAX {
+            p = next_throttle(p, 1.9);
+            steps.push(p);
+        }
+        assert_eq!(steps, [20, 60, 80, 90, 95, 98, 99]);
+        assert_eq!(next_throttle(99, 1.9), 99);
+        // Two thirds as fast: a 75% share makes it dirty half of what the link carries.
+        assert_eq!(next_throttle(0, 1.5), 25);
+        // Seen dirtying 12 times faster than the link: a 4% share (half of 1/12) at once.
+        assert_eq!(next_throttle(0, 1.0 / 12.0), 96);
+        assert_eq!(next_throttle(96, 1.0 / 12.0), 98);
+        // Far faster still: the ceiling, no further.
+        assert_eq!(next_throttle(0, 1e-4), 99);
+        // No rate measured (a division by zero upstream): the step alone.
+        assert_eq!(next_throttle(0, f64::INFINITY), 20);
+        assert_eq!(next_throttle(60, f64::NAN), 80);
     }
 
     #[test]

@@ -31,14 +31,11 @@ const CHUNK_PAGES: usize = 256;
 /// The slowest link the convergence estimate assumes, bytes per second: before any
 /// measurement, and to keep a stalled measurement from dividing by zero.
 const MIN_BANDWIDTH: f64 = 1e6;
-/// Auto-converge: pre-copy rounds before throttling may start, the first throttle, its
-/// step per round, and its ceiling (percent of time outside the guest), as QEMU's
-/// cpu-throttle-initial / -increment do. It starts when the guest dirtied more than half
-/// as fast as the link carried the last round.
+/// Auto-converge: pre-copy rounds before throttling may start. It starts when sending what
+/// is dirty would alone take longer than the budget and the guest dirtied more than half
+/// as fast as the link carried the last round, and tightens after each such round
+/// (`super::next_throttle`, from the fastest dirtying seen).
 const THROTTLE_AFTER_ROUNDS: u32 = 2;
-const THROTTLE_INITIAL: u32 = 20;
-const THROTTLE_STEP: u32 = 10;
-const THROTTLE_MAX: u32 = 99;
 /// How long the paused source waits for Ready: the data still queued has to arrive and
 /// the destination build the VM first, on a link that may have slowed down since the
 /// estimate.
@@ -371,6 +368,8 @@ impl Source {
         let mut data_mark = sender.data_bytes();
         let mut collected = Instant::now();
         let mut throttle = 0;
+        // The fastest the guest was seen dirtying, in bytes on the wire a second.
+        let mut peak_wire_rate: f64 = 0.0;
         let mut previous = None;
         let expected;
         loop {
@@ -402,6 +401,7 @@ impl Source {
             let last_round = (data.0 - data_mark.0, data.1 - data_mark.1);
             data_mark = data;
             let share = super::wire_share(last_round, data);
+            peak_wire_rate = peak_wire_rate.max(dirty_rate * share);
             let left = (pending.bytes() as f64 * share) as u64 + queued(out);
             let fixed = fixed_costs(conn.rtt(), collect_time);
             let estimate = Estimate::new(left, bw, fixed);
@@ -444,16 +444,16 @@ impl Source {
                 }
                 Decision::Continue => previous = Some(estimate),
             }
+            // Throttling helps only where the dirty bytes are what is over the budget, not
+            // the fixed costs (an idle guest's last rounds), and the guest dirties them
+            // faster than the link can empty them.
             if self.request.converge == Converge::Throttle
                 && rounds >= THROTTLE_AFTER_ROUNDS
+                && estimate.bytes_time > budget
                 && dirty_rate > bw / 2.0
-                && throttle < THROTTLE_MAX
+                && throttle < super::THROTTLE_MAX
             {
-                throttle = if throttle == 0 {
-                    THROTTLE_INITIAL
-                } else {
-                    (throttle + THROTTLE_STEP).min(THROTTLE_MAX)
-                };
+                throttle = super::next_throttle(throttle, bw / peak_wire_rate);
                 tracing::info!("auto-converge: vCPUs throttled to {throttle}% off");
                 self.ask(|answer| ToVmm::Throttle(throttle, answer))?;
                 self.progress(|p| p.throttle_percent = throttle);

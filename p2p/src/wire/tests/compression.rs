@@ -85,6 +85,50 @@ fn incompressible_pages_travel_as_they_are() {
 }
 
 #[test]
+fn a_frame_whose_first_64_kib_do_not_compress_is_not_tried_further() {
+    use crate::wire::frame::deflate;
+    // 16 noise pages (64 KiB) then 48 text pages: the probe gives up on the whole.
+    let noisy_start: Vec<u8> = (0..64)
+        .flat_map(|i| {
+            if i < 16 {
+                noise_page(i + 1)
+            } else {
+                text_page(i)
+            }
+        })
+        .collect();
+    let mut out = Vec::new();
+    assert_eq!(deflate(&noisy_start, &mut out), None);
+    // The same pages the other way round compress, and only the probe's share is noise.
+    let text_start: Vec<u8> = (0..64)
+        .flat_map(|i| {
+            if i < 48 {
+                text_page(i)
+            } else {
+                noise_page(i + 1)
+            }
+        })
+        .collect();
+    let n = deflate(&text_start, &mut out).expect("compressible");
+    assert!(n < text_start.len() / 2, "{n} bytes");
+    let header = Header::parse(&raw_header_for(
+        2,
+        FrameType::Pages as u8,
+        FLAG_LZ4,
+        &out[..n],
+    ))
+    .unwrap();
+    // Inflated into a buffer that held more: exactly the payload comes out.
+    let mut back = vec![7u8; 1 << 20];
+    crate::wire::frame::inflate(&header, &out[..n], &mut back).unwrap();
+    assert_eq!(back, text_start);
+    // A payload under two probes is tried whole; the buffer keeps its size.
+    let room = out.len();
+    assert_eq!(deflate(&noise_page(1), &mut out), None);
+    assert_eq!(out.len(), room);
+}
+
+#[test]
 fn a_version_1_peer_gets_version_1_frames_and_nothing_compressed() {
     // A destination that speaks only version 1 answers the Hello with HelloAck 1.
     let mut tx = sender_acked_v1();
