@@ -321,7 +321,7 @@ struct Thread {
     links: VcpuLinks,
     commands: Receiver<Command>,
     acks: Sender<Ack>,
-    /// Auto-converge: percent of each period spent outside the guest.
+    /// Auto-converge: percent of the time spent outside the guest (see [`THROTTLE_SLICE`]).
     throttle: u32,
     /// The timer that kicks this thread out of the guest after each [`THROTTLE_SLICE`]
     /// while throttled.
