@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use rig::{NetConfig, RigConfig, L2};
 
 mod common;
-use common::counters;
+use common::{counters, find_value};
 
 const HOSPES: &str = env!("CARGO_BIN_EXE_hospes");
 /// The longest one step may take.
@@ -335,13 +335,6 @@ impl fmt::Display for Test<'_> {
     }
 }
 
-/// The value after `key` on the first line that has it.
-fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .find_map(|l| l.split_once(key).map(|(_, v)| v))
-        .map(|v| v.split_whitespace().next().unwrap_or(""))
-}
-
 /// The text between the lines `@@NAME` and `@@END`.
 fn between<'a>(out: &'a str, name: &str) -> Option<&'a str> {
     let start = out.find(&format!("@@{name}\n"))? + name.len() + 3;
@@ -394,7 +387,7 @@ impl Test<'_> {
              echo @@SRC; cat src.log; echo @@END; echo @@SRCERR; cat src.err; echo @@END",
         );
         self.check(
-            value(&out, "migrate_rc=") == Some("1"),
+            find_value(&out, "migrate_rc=").as_deref() == Some("1"),
             "migrate did not exit 1",
         );
         self.check(
@@ -405,15 +398,15 @@ impl Test<'_> {
         );
         self.check(out.contains(says), &format!("migrate did not say {says:?}"));
         self.check(
-            value(&out, "after=") == Some("running"),
+            find_value(&out, "after=").as_deref() == Some("running"),
             "the guest stopped on A",
         );
         self.check(
-            value(&out, "status=") == Some("running"),
+            find_value(&out, "status=").as_deref() == Some("running"),
             "status on A is not running",
         );
         self.check(
-            value(&out, "src_rc=") == Some("0"),
+            find_value(&out, "src_rc=").as_deref() == Some("0"),
             "the source did not exit 0",
         );
         let src = between(&out, "SRC").unwrap_or("").to_string();
@@ -425,12 +418,12 @@ impl Test<'_> {
              echo @@DSTERR; cat dst.err; echo @@END",
         );
         self.check(
-            value(&b, "dst_rc=") != Some("0"),
+            find_value(&b, "dst_rc=").as_deref() != Some("0"),
             "the destination exited 0",
         );
         if dst_empty {
             self.check(
-                value(&b, "dst_files=") == Some("0"),
+                find_value(&b, "dst_files=").as_deref() == Some("0"),
                 "files left in B's receive dir",
             );
         }
@@ -456,14 +449,17 @@ fn an_idle_guest_moves_to_the_other_host_and_the_source_exits_0() {
         ),
     );
     t.check(
-        value(&out, "migrate_rc=") == Some("0"),
+        find_value(&out, "migrate_rc=").as_deref() == Some("0"),
         "migrate did not exit 0",
     );
     t.check(
-        value(&out, "src_rc=") == Some("0"),
+        find_value(&out, "src_rc=").as_deref() == Some("0"),
         "the source did not exit 0",
     );
-    t.check(value(&out, "tap_a=") == Some("gone"), "A's TAP is left");
+    t.check(
+        find_value(&out, "tap_a=").as_deref() == Some("gone"),
+        "A's TAP is left",
+    );
     let b = t.on(
         Host::B,
         "wait_more dst.log '^c=' 20 120 || exit 1; echo status=$(status /tmp/dst.sock)\n\
@@ -492,18 +488,21 @@ fn an_idle_guest_moves_to_the_other_host_and_the_source_exits_0() {
         "--json \"to\"",
     );
     t.check(
-        value(&b, "status=") == Some("running"),
+        find_value(&b, "status=").as_deref() == Some("running"),
         "status on B is not running",
     );
     // The guest answers at once on B: at most two pings of 2 s may go unanswered (its
     // ARP entry for the host's side of the TAP still names A's MAC until B asks).
     eprintln!(
         "idle: ping from B needed {} retries",
-        value(&b, "ping_retries=").unwrap_or("?")
+        find_value(&b, "ping_retries=").as_deref().unwrap_or("?")
     );
-    t.check(value(&b, "ping=") == Some("ok"), "B cannot ping the guest");
     t.check(
-        value(&b, "dst_rc=") == Some("0"),
+        find_value(&b, "ping=").as_deref() == Some("ok"),
+        "B cannot ping the guest",
+    );
+    t.check(
+        find_value(&b, "dst_rc=").as_deref() == Some("0"),
         "the destination did not exit 0 on shutdown",
     );
     let (src, dst) = (
@@ -550,7 +549,7 @@ fn a_guest_dirtying_64_mib_and_its_disk_moves_without_losing_a_byte() {
         "wait_file mig.rc 600 || exit 1; echo migrate_rc=$(cat mig.rc); cat mig.log mig.err",
     );
     t.check(
-        value(&m, "migrate_rc=") == Some("0"),
+        find_value(&m, "migrate_rc=").as_deref() == Some("0"),
         "migrate did not exit 0",
     );
     let paused = t.on(
@@ -574,15 +573,15 @@ fn a_guest_dirtying_64_mib_and_its_disk_moves_without_losing_a_byte() {
          echo @@DST; cat dst.log; echo @@END; echo @@DSTERR; cat dst.err; echo @@END",
     );
     t.check(
-        value(&a, "src_rc=") == Some("0"),
+        find_value(&a, "src_rc=").as_deref() == Some("0"),
         "the source did not exit 0",
     );
     t.check(
-        value(&b, "status=") == Some("running"),
+        find_value(&b, "status=").as_deref() == Some("running"),
         "status on B is not running",
     );
     t.check(
-        value(&b, "dst_rc=") == Some("0"),
+        find_value(&b, "dst_rc=").as_deref() == Some("0"),
         "the destination did not exit 0 on shutdown",
     );
     let src = between(&a, "SRC").unwrap_or("").to_string();
@@ -611,7 +610,7 @@ fn a_guest_dirtying_64_mib_and_its_disk_moves_without_losing_a_byte() {
     let passes = |log: &str| -> Vec<u64> {
         log.lines()
             .filter(|l| l.starts_with("memcheck "))
-            .filter_map(|l| value(l, "passes=")?.parse().ok())
+            .filter_map(|l| find_value(l, "passes=")?.parse().ok())
             .collect()
     };
     let (pa, pb) = (passes(&src), passes(&dst));
@@ -631,7 +630,7 @@ fn a_guest_dirtying_64_mib_and_its_disk_moves_without_losing_a_byte() {
         ia.len() == 256 && ib.len() == 256,
         "block checksums missing",
     );
-    let slot_of = |l: &str| -> Option<usize> { value(l, " k=")?.parse().ok() };
+    let slot_of = |l: &str| -> Option<usize> { find_value(l, " k=")?.parse().ok() };
     let paused = between(&paused, "PAUSED").unwrap_or("").to_string();
     let written_b: Vec<usize> = paused
         .lines()
@@ -693,23 +692,26 @@ fn a_tcp_client_on_the_source_host_finds_the_guest_server_on_the_destination() {
          hospes ctl /tmp/dst.sock shutdown >/dev/null; wait_file dst.rc 60; echo dst_rc=$(cat dst.rc)",
     );
     t.check(
-        value(&a, "migrate_rc=") == Some("0"),
+        find_value(&a, "migrate_rc=").as_deref() == Some("0"),
         "migrate did not exit 0",
     );
     t.check(
-        value(&a, "src_rc=") == Some("0"),
+        find_value(&a, "src_rc=").as_deref() == Some("0"),
         "the source did not exit 0",
     );
-    t.check(value(&a, "tap_a=") == Some("gone"), "A's TAP is left");
     t.check(
-        value(&b, "status=") == Some("running"),
+        find_value(&a, "tap_a=").as_deref() == Some("gone"),
+        "A's TAP is left",
+    );
+    t.check(
+        find_value(&b, "status=").as_deref() == Some("running"),
         "status on B is not running",
     );
     t.check(
-        value(&b, "dst_rc=") == Some("0"),
+        find_value(&b, "dst_rc=").as_deref() == Some("0"),
         "the destination did not exit 0 on shutdown",
     );
-    let exited: f64 = value(&a, "exited_at=")
+    let exited: f64 = find_value(&a, "exited_at=")
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::MAX);
     let client = between(&a, "CLIENT").unwrap_or("").to_string();
@@ -720,7 +722,7 @@ fn a_tcp_client_on_the_source_host_finds_the_guest_server_on_the_destination() {
             let mut w = l.split_whitespace();
             let t = w.next()?.parse().ok()?;
             (w.next()? == "ok").then_some(())?;
-            Some((t, value(l, "n=")?.parse().ok()?))
+            Some((t, find_value(l, "n=")?.parse().ok()?))
         })
         .collect();
     let before = answers.iter().filter(|a| a.0 < exited).count();
@@ -743,7 +745,7 @@ fn a_tcp_client_on_the_source_host_finds_the_guest_server_on_the_destination() {
         answers.windows(2).all(|w| w[1].1 > w[0].1),
         "the server's counter did not go on across the migration",
     );
-    let tx: u64 = value(&b, "tap_b_tx=")
+    let tx: u64 = find_value(&b, "tap_b_tx=")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     t.check(tx >= 10, "B's TAP carried no traffic to the guest");
@@ -798,7 +800,7 @@ fn a_link_cut_mid_stream_leaves_the_guest_on_the_source() {
         "ping -c 2 -W 5 192.0.2.2 >/dev/null && echo link=back",
     );
     t.check(
-        value(&out, "link=") == Some("back"),
+        find_value(&out, "link=").as_deref() == Some("back"),
         "the link did not come back",
     );
 }

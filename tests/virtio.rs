@@ -9,6 +9,7 @@ use std::time::Duration;
 use rig::L2;
 
 mod common;
+use common::value;
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -34,14 +35,6 @@ fn spec(name: &str, memory_mib: u32, cmd: &str, extra: &str) -> String {
         "cat > {name}.toml <<'SPEC'\n[service]\nname = \"{name}\"\n[machine]\nmemory_mib = {memory_mib}\n\
          [boot]\ncmdline = 'quiet -- \"{cmd}\"'\n{extra}\nSPEC\n"
     )
-}
-
-/// The value after `key=` on the line that has it.
-fn value<'a>(out: &'a str, key: &str) -> &'a str {
-    out.lines()
-        .find_map(|l| l.split_once(key).map(|(_, v)| v))
-        .map(|v| v.split_whitespace().next().unwrap_or(""))
-        .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
 }
 
 #[test]

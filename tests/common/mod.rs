@@ -74,12 +74,55 @@ pub fn section<'a>(out: &'a str, name: &str) -> &'a str {
     &out[start..end]
 }
 
+/// The value after `key` on the first line that has it: the text up to the next blank.
+/// Panics, with the output, when no line has `key`.
 #[allow(dead_code)]
-pub fn value<'a>(out: &'a str, key: &str) -> &'a str {
+pub fn value(out: &str, key: &str) -> String {
+    find_value(out, key).unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+}
+
+/// The value after `key` on the first line that has it, if one does.
+///
+/// The guest's console carries the kernel's messages too, and the kernel prints them
+/// between any two bytes of a line a program is writing: `guest_rx=79c1…[  204.41]
+/// watchdog: …\n…4633`. Such a message (from `[ seconds.micros]` to its newline) is cut
+/// out before the value is read.
+#[allow(dead_code)]
+pub fn find_value(out: &str, key: &str) -> Option<String> {
+    let out = without_kernel_messages(out);
     out.lines()
         .find_map(|l| l.split_once(key).map(|(_, v)| v))
-        .map(|v| v.split_whitespace().next().unwrap_or(""))
-        .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+        .map(|v| v.split_whitespace().next().unwrap_or("").to_owned())
+}
+
+/// `out` without the kernel's timestamped console messages, wherever they start.
+fn without_kernel_messages(out: &str) -> String {
+    let mut rest = out;
+    let mut kept = String::with_capacity(out.len());
+    while let Some(start) = rest.find('[') {
+        let (before, from) = rest.split_at(start);
+        kept.push_str(before);
+        match kernel_message_len(from) {
+            Some(len) => rest = &from[len..],
+            None => {
+                kept.push('[');
+                rest = &from[1..];
+            }
+        }
+    }
+    kept.push_str(rest);
+    kept
+}
+
+/// The length of the kernel message `text` starts with (`[  204.412474] …` through its
+/// newline), or None if it does not start with one.
+fn kernel_message_len(text: &str) -> Option<usize> {
+    let close = text.find(']')?;
+    let stamp = text[1..close].trim_start();
+    let (secs, micros) = stamp.split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(secs) && digits(micros)).then_some(())?;
+    Some(text.find('\n').map_or(text.len(), |nl| nl + 1))
 }
 
 /// Every counter line reads back from the disk the value it wrote, and the counter
@@ -104,4 +147,14 @@ pub fn assert_continues(what: &str, before: &[(u64, u64)], after: &[(u64, u64)],
         first == last + 1 || first == last + 2,
         "{what}: counter went from {last} to {first}:\n{out}"
     );
+}
+
+#[test]
+fn a_kernel_message_inside_a_value_is_cut_out() {
+    let out = "ping=ok\nguest_rx=79c1[  204.412474] watchdog: BUG: soft lockup [sh:92]\n4633\n\
+               [  204.536775] reboot: Power down\nhost_rx=0df3 [x]\n";
+    assert_eq!(value(out, "guest_rx="), "79c14633");
+    assert_eq!(value(out, "host_rx="), "0df3");
+    assert_eq!(value(out, "ping="), "ok");
+    assert_eq!(find_value(out, "reboot"), None);
 }
