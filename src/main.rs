@@ -137,9 +137,9 @@ enum BenchCommand {
     /// Snapshot and restore-to-running time and the memory file's size, 256 MiB and 1 GiB
     /// guests, hospes vs QEMU saving to a file (HOSPES_BENCH_RUNS, default 3).
     Snapshot,
-    /// Live migration, hospes vs QEMU in one L2 over loopback: idle 512 MiB / 1 GiB guests
-    /// and 64 / 256 MiB dirtying working sets, 50 ms downtime budget (500 ms where hospes
-    /// does not converge); HOSPES_BENCH_RUNS (default 3), HOSPES_BENCH_MIGRATE_* (see
+    /// Live migration, hospes vs QEMU (in the clear and over TLS) in one L2 over loopback:
+    /// idle 512 MiB / 1 GiB guests and 64 / 256 MiB dirtying working sets, 50 ms downtime
+    /// budget (500 ms where hospes does not converge); HOSPES_BENCH_RUNS (default 3), HOSPES_BENCH_MIGRATE_* (see
     /// benches/src/migrate.rs).
     Migrate,
     /// Disk, network and CPU: native vs the guest under hospes vs under QEMU; a markdown

@@ -1,7 +1,10 @@
 //! Live-migration benchmark, in the nested rig: hospes (`hospes migrate` to a `hospes
 //! receive`, QUIC with mutual TLS) against QEMU 7.2 (`-M microvm,acpi=on -enable-kvm`,
 //! `migrate -d -b tcp:...` to a `-incoming tcp:...`), source and destination in the same
-//! L2 (one vCPU), over loopback.
+//! L2 (one vCPU), over loopback. QEMU runs twice per round: in the clear (its default)
+//! and over TLS with mutual authentication (`tls-creds-x509`, `verify-peer=yes`,
+//! certificates from a CA made for the run), as hospes always is: in the rig, where the
+//! one emulated CPU seals and opens every byte, encryption is a large part of the cost.
 //!
 //! The same guest for both: the rig's default guest kernel and initramfs, one vCPU, a
 //! drive of random data (moved by both: hospes always moves its drives; QEMU with block
@@ -32,10 +35,11 @@
 //! A run that fails (no convergence within hospes' 30 rounds, or QEMU past 31 dirty
 //! syncs, or the time limit) is a table cell, not an error. Budgets: 50 ms first; each
 //! workload where a hospes run did not converge at it is run again at the fallback
-//! budget (500 ms) for both VMMs.
+//! budget (500 ms) for every VMM.
 //!
 //! `hospes bench migrate`; HOSPES_BENCH_RUNS (default 3), and
 //! HOSPES_BENCH_MIGRATE_WORKLOADS (`idle512,dirty64,idle1024,dirty256` by default),
+//! HOSPES_BENCH_MIGRATE_VMMS (`hospes,qemu,qemu-tls` by default),
 //! HOSPES_BENCH_MIGRATE_BUDGET_MS (50), HOSPES_BENCH_MIGRATE_FALLBACK_MS (500; 0: none),
 //! HOSPES_BENCH_MIGRATE_LIMIT_S (600: one migration's wall-time limit),
 //! HOSPES_BENCH_MIGRATE_CONVERGE (`throttle`, hospes' default: auto-converge, and QEMU's
@@ -124,6 +128,8 @@ pub struct MigrateParams {
     pub runs: usize,
     /// The workloads.
     pub workloads: Vec<Workload>,
+    /// The VMMs run, indices in [`VMMS`], in its order.
+    pub vmms: Vec<usize>,
     /// The downtime budget, ms.
     pub budget_ms: u64,
     /// The budget for a second pass over the workloads hospes did not converge on.
@@ -161,10 +167,24 @@ impl MigrateParams {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        let mut vmms: Vec<usize> = match var("HOSPES_BENCH_MIGRATE_VMMS") {
+            None => (0..VMMS.len()).collect(),
+            Some(list) => list
+                .split(',')
+                .map(|k| {
+                    VMMS.iter()
+                        .position(|v| v.0 == k.trim())
+                        .ok_or_else(|| format!("unknown VMM {k:?}: hospes, qemu or qemu-tls"))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        vmms.sort_unstable();
+        vmms.dedup();
         let fallback = num("HOSPES_BENCH_MIGRATE_FALLBACK_MS", 500)?;
         Ok(Self {
             runs: runs.unwrap_or(3),
             workloads,
+            vmms,
             budget_ms: num("HOSPES_BENCH_MIGRATE_BUDGET_MS", 50)?,
             fallback_ms: (fallback > 0).then_some(fallback),
             limit_s: num("HOSPES_BENCH_MIGRATE_LIMIT_S", 600)?,
@@ -187,6 +207,14 @@ pub enum MigrateBenchError {
     /// The rig failed: building the guest or booting L2.
     #[error("rig: {0}")]
     Rig(#[from] RigError),
+    /// QEMU's TLS credentials could not be made or written.
+    #[error("QEMU's TLS credentials in {dir}: {reason}")]
+    QemuTls {
+        /// Where they were being written.
+        dir: PathBuf,
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// One successful migration's figures.
@@ -319,7 +347,8 @@ impl MigrateReport {
              transferred ram + transferred disk, dirty sync count as rounds, and normal bytes \
              (non-zero pages sent, re-sends included) as non-zero memory; max-bandwidth \
              100 GiB/s, downtime-limit = the budget, block migration (`migrate -b`) for the \
-             drive. MB = 10^6 bytes.\n",
+             drive; `QEMU microvm, TLS`: the same over TLS with client and server \
+             certificates (`tls-creds-x509`, `verify-peer=yes`). MB = 10^6 bytes.\n",
         );
         s
     }
@@ -527,6 +556,20 @@ cleanup; cd /; rm -rf /data/m
 /// `-incoming`, `migrate -d -b`, `info migrate` every 100 ms until completed (cancelled
 /// past QEMU_MAX_SYNCS dirty syncs or LIMIT), liveness on the destination.
 const QEMU: &str = r#"
+# tls ENDPOINT: QEMU's TLS options (none in the clear). The destination, a server that
+# demands a client certificate, takes its credentials for the incoming stream from the
+# migration object's tls-creds property; the source gets them by the monitor.
+tls() {
+	[ $TLS = 1 ] || return 0
+	if [ ! -f /qtls/ca-cert.pem ]; then
+		mkdir -p /qtls
+		for f in ca-cert server-cert client-cert; do pem CERTIFICATE /qtls-der/$f.der >/qtls/$f.pem; done
+		for f in server-key client-key; do pem "PRIVATE KEY" /qtls-der/$f.der >/qtls/$f.pem; done
+	fi
+	echo "-object tls-creds-x509,id=tls0,dir=/qtls,endpoint=$1$([ $1 = server ] && echo ,verify-peer=yes)"
+	[ $1 = server ] && echo "-global migration.tls-creds=tls0"
+}
+pem() { echo "-----BEGIN $1-----"; base64 <"$2"; echo "-----END $1-----"; }
 dd if=/dev/zero of=dst.img bs=1M seek=$DISK count=0 2>/dev/null
 CR=$(printf '\r')
 rm -f /tmp/qmon.in /tmp/qmon.out; mkfifo /tmp/qmon.in /tmp/qmon.out; exec 4<>/tmp/qmon.out
@@ -541,10 +584,11 @@ mon_info() {
 	done
 	fail "the QEMU monitor is silent" src.out mon.txt
 }
-qemu_vm -drive file=disk.img,format=raw,if=none,id=d0 -device virtio-blk-device,drive=d0 \
+qemu_vm -drive file=disk.img,format=raw,if=none,id=d0 -device virtio-blk-device,drive=d0 $(tls client) \
 	-chardev pipe,id=mon,path=/tmp/qmon -mon chardev=mon,mode=readline >src.out 2>&1 &
 spid=$!; pids=$spid
 mon "migrate_set_parameter max-bandwidth 100G"
+[ $TLS = 1 ] && mon "migrate_set_parameter tls-creds tls0"
 mon "migrate_set_parameter downtime-limit $BUDGET"
 [ $CONVERGE = throttle ] && mon "migrate_set_capability auto-converge on"
 mon_info "info migrate_capabilities"
@@ -553,8 +597,9 @@ grep -q "^auto-converge: $ac" mon.txt || fail "auto-converge not $ac" mon.txt
 mon_info "info migrate_parameters"
 grep -q '^max-bandwidth: 107374182400 bytes/second' mon.txt || fail "max-bandwidth not set" mon.txt
 grep -q "^downtime-limit: $BUDGET ms" mon.txt || fail "downtime-limit not set" mon.txt
+if [ $TLS = 1 ]; then grep -q "^tls-creds: 'tls0'" mon.txt || fail "tls-creds not set" mon.txt; fi
 armed src.out $spid
-qemu_vm -drive file=dst.img,format=raw,if=none,id=d0 -device virtio-blk-device,drive=d0 \
+qemu_vm -drive file=dst.img,format=raw,if=none,id=d0 -device virtio-blk-device,drive=d0 $(tls server) \
 	-incoming tcp:127.0.0.1:$PORT >dst.out 2>&1 &
 dpid=$!; pids="$pids $dpid"
 n=0; while ! netstat -ltn 2>/dev/null | grep -q "127.0.0.1:$PORT "; do n=$((n+1)); [ $n -gt 300 ] && fail "no -incoming listener" dst.out; usleep 100000; done
@@ -584,7 +629,15 @@ echo DONE
 cleanup; exec 4<&-; cd /; rm -rf /data/m
 "#;
 
-/// The script for one run of `vmm` (0 hospes, 1 QEMU).
+/// The VMMs compared, (key, name in the table), in the order each round runs them;
+/// [`script`] and [`run`] take an index here.
+pub const VMMS: [(&str, &str); 3] = [
+    ("hospes", "hospes"),
+    ("qemu", "QEMU microvm"),
+    ("qemu-tls", "QEMU microvm, TLS"),
+];
+
+/// The script for one run of `vmm` (an index in [`VMMS`]).
 fn script(
     vmm: usize,
     w: &Workload,
@@ -596,8 +649,9 @@ fn script(
     let cmd = w.guest_cmd();
     let mib = w.guest_mib;
     let vars = format!(
-        "DIRTY={} DISK={DISK_MIB} BUDGET={budget_ms} PORT={port} LIMIT={limit_s} MAXSYNC={QEMU_MAX_SYNCS} CONVERGE={converge}\n",
-        w.dirty_mib
+        "DIRTY={} DISK={DISK_MIB} BUDGET={budget_ms} PORT={port} LIMIT={limit_s} MAXSYNC={QEMU_MAX_SYNCS} CONVERGE={converge} TLS={}\n",
+        w.dirty_mib,
+        u8::from(vmm == 2)
     );
     let body = if vmm == 0 {
         format!(
@@ -613,6 +667,74 @@ fn script(
         )
     };
     format!("{vars}{COMMON}\n{body}")
+}
+
+/// Writes to `dir` (made anew) a CA, a server certificate for 127.0.0.1 and a client
+/// certificate, all signed by it, with their keys, in DER (PKCS#8 for keys), and returns
+/// each file with the path it gets in L2: /qtls-der/{ca,server,client}-cert.der and
+/// {server,client}-key.der. The QEMU script turns them into the PEM files QEMU's
+/// `tls-creds-x509` reads from its directory.
+///
+/// Key usages as QEMU checks them (crypto/tlscredsx509.c): the CA may sign certificates;
+/// the others may sign and encipher, for server or client authentication.
+fn qemu_tls_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, MigrateBenchError> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let fail = |reason: String| MigrateBenchError::QemuTls {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let params = |name: &str, names: Vec<String>| -> Result<CertificateParams, MigrateBenchError> {
+        let mut p = CertificateParams::new(names).map_err(|e| fail(e.to_string()))?;
+        p.distinguished_name.push(DnType::CommonName, name);
+        Ok(p)
+    };
+    let key = || KeyPair::generate().map_err(|e| fail(e.to_string()));
+    let mut ca = params("hospes bench CA", Vec::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = key()?;
+    let ca_cert = ca.self_signed(&ca_key).map_err(|e| fail(e.to_string()))?;
+    let issuer = Issuer::new(ca, ca_key);
+    let mut files = vec![("ca-cert", ca_cert.der().to_vec())];
+    for (cert_file, key_file, purpose) in [
+        (
+            "server-cert",
+            "server-key",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ),
+        (
+            "client-cert",
+            "client-key",
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+    ] {
+        let mut p = params(
+            &format!("hospes bench {cert_file}"),
+            vec!["127.0.0.1".into()],
+        )?;
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![purpose];
+        let k = key()?;
+        let cert = p.signed_by(&k, &issuer).map_err(|e| fail(e.to_string()))?;
+        files.push((cert_file, cert.der().to_vec()));
+        files.push((key_file, k.serialize_der()));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    files
+        .into_iter()
+        .map(|(name, der)| {
+            let file = dir.join(format!("{name}.der"));
+            std::fs::write(&file, der).map_err(|e| fail(format!("{}: {e}", file.display())))?;
+            Ok((file, format!("/qtls-der/{name}.der")))
+        })
+        .collect()
 }
 
 /// Runs the benchmark with the `hospes` binary at `hospes` (placed in L2): per workload,
@@ -634,8 +756,13 @@ pub fn run(
         .add_qemu()
         .add_file(guest.join("vmlinuz"), "/guest/vmlinuz")
         .add_file(guest.join("initramfs.cpio.gz"), "/guest/initramfs.cpio.gz");
-    let mut l2 = rig::L2::boot(cfg)?;
-    let names = ["hospes", "QEMU microvm"];
+    let tls = std::env::temp_dir().join(format!("hospes-bench-qtls-{}", std::process::id()));
+    let cfg = qemu_tls_files(&tls)?
+        .into_iter()
+        .fold(cfg, |cfg, (file, l2_path)| cfg.add_file(file, &l2_path));
+    let l2 = rig::L2::boot(cfg);
+    let _ = std::fs::remove_dir_all(&tls);
+    let mut l2 = l2?;
     let timeout = Duration::from_secs(params.limit_s + 600);
     let mut port: u16 = 4440;
     let mut rows = Vec::new();
@@ -648,19 +775,20 @@ pub fn run(
     for w in &params.workloads {
         let mut budget = params.budget_ms;
         loop {
-            let mut pair: Vec<MigrateRow> = names
+            let mut pair: Vec<MigrateRow> = params
+                .vmms
                 .iter()
-                .map(|n| MigrateRow {
+                .map(|&v| MigrateRow {
                     workload: *w,
                     budget_ms: budget,
-                    vmm: n.to_string(),
+                    vmm: VMMS[v].1.to_string(),
                     runs: Vec::new(),
                 })
                 .collect();
             for round in 1..=params.runs {
-                for (vmm, row) in pair.iter_mut().enumerate() {
+                for (&vmm, row) in params.vmms.iter().zip(pair.iter_mut()) {
                     port += 1;
-                    let name = names[vmm];
+                    let (key, name) = VMMS[vmm];
                     let what = format!(
                         "{} {} MiB, budget {budget} ms, run {round} {name}",
                         w.label(),
@@ -673,10 +801,8 @@ pub fn run(
                         Ok(out) => {
                             if let Some(dir) = &log_dir {
                                 let file = dir.join(format!(
-                                    "{}-{}-{budget}ms-{round}-{}.log",
-                                    w.key,
-                                    w.guest_mib,
-                                    if vmm == 0 { "hospes" } else { "qemu" }
+                                    "{}-{}-{budget}ms-{round}-{key}.log",
+                                    w.key, w.guest_mib,
                                 ));
                                 let _ = std::fs::write(file, &out.output);
                             }
@@ -712,11 +838,14 @@ pub fn run(
                     row.runs.push(result);
                 }
             }
-            let hospes_unconverged = pair[0].runs.iter().any(|r| {
-                // Killed at the time limit before hospes' own round limit (30 rounds
-                // of a working set at the link's speed take longer) is not converging too.
-                r.as_ref()
-                    .is_err_and(|e| e.contains("converge") || e.starts_with("not done after"))
+            let hospes = params.vmms.iter().position(|&v| v == 0);
+            let hospes_unconverged = hospes.is_some_and(|h| {
+                pair[h].runs.iter().any(|r| {
+                    // Killed at the time limit before hospes' own round limit (30 rounds
+                    // of a working set at the link's speed take longer) is not converging too.
+                    r.as_ref()
+                        .is_err_and(|e| e.contains("converge") || e.starts_with("not done after"))
+                })
             });
             rows.extend(pair);
             match params.fallback_ms {
@@ -782,6 +911,28 @@ mod tests {
         assert!((m.wire_mb - 56384.0 * 1.024 / 1000.0).abs() < 1e-9);
         assert!((m.disk_mb - 16384.0 * 1.024 / 1000.0).abs() < 1e-9);
         assert_eq!(m.dirty_mibps, None);
+    }
+
+    #[test]
+    fn qemu_gets_a_ca_and_server_and_client_certificates_with_their_keys() {
+        let dir = std::env::temp_dir().join(format!("qtls-test-{}", std::process::id()));
+        let files = qemu_tls_files(&dir).unwrap();
+        let l2: Vec<&str> = files.iter().map(|(_, l2)| l2.as_str()).collect();
+        assert_eq!(
+            l2,
+            [
+                "/qtls-der/ca-cert.der",
+                "/qtls-der/server-cert.der",
+                "/qtls-der/server-key.der",
+                "/qtls-der/client-cert.der",
+                "/qtls-der/client-key.der"
+            ]
+        );
+        for (file, _) in &files {
+            // DER: a SEQUENCE with a long-form length.
+            assert_eq!(std::fs::read(file).unwrap()[0], 0x30, "{}", file.display());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
