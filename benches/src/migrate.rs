@@ -659,8 +659,12 @@ fn script(
              [boot]\ncmdline = 'quiet -- \"{cmd}\"'\n[[drive]]\nid = \"data\"\npath = \"disk.img\"\nSPEC\n{HOSPES}"
         )
     } else {
+        // `exec`: a function run in the background is a subshell, and `$!` its PID. Without
+        // exec, QEMU would be that subshell's child: `cleanup` would kill the subshell and
+        // leave QEMU (the destination's guest, still dirtying its working set) running on
+        // into the next runs, slowing every one after it.
         format!(
-            "qemu_vm() {{\n\tqemu-system-x86_64 -M microvm,acpi=on -enable-kvm -cpu host -m {mib} -smp 1 \
+            "qemu_vm() {{\n\texec qemu-system-x86_64 -M microvm,acpi=on -enable-kvm -cpu host -m {mib} -smp 1 \
              -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
              -kernel /guest/vmlinuz -initrd /guest/initramfs.cpio.gz \
              -append 'console=ttyS0 reboot=k panic=1 pci=off quiet -- \"{cmd}\"' \"$@\"\n}}\n{QEMU}"
@@ -933,6 +937,14 @@ mod tests {
             assert_eq!(std::fs::read(file).unwrap()[0], 0x30, "{}", file.display());
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_pid_the_qemu_script_kills_is_qemus() {
+        for vmm in [1, 2] {
+            let s = script(vmm, &WORKLOADS[1], 50, 4441, 60, "throttle");
+            assert!(s.contains("qemu_vm() {\n\texec qemu-system-x86_64"), "{s}");
+        }
     }
 
     #[test]

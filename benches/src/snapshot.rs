@@ -311,8 +311,10 @@ fn script(vmm: usize, guest_mib: u64) -> String {
     let spec = format!(
         "[service]\nname = \"snap\"\n[machine]\nmemory_mib = {guest_mib}\n[boot]\ncmdline = 'quiet -- \"{GUEST_CMD}\"'\n"
     );
+    // `exec`, so that `$!` of `qemu_vm ... &` is QEMU's PID, not a subshell's that would
+    // leave QEMU running when killed.
     let qemu_vm = format!(
-        "qemu_vm() {{\n\tqemu-system-x86_64 -M microvm,acpi=on -enable-kvm -cpu host -m {guest_mib} -smp 1 \
+        "qemu_vm() {{\n\texec qemu-system-x86_64 -M microvm,acpi=on -enable-kvm -cpu host -m {guest_mib} -smp 1 \
          -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
          -kernel /guest/vmlinuz -initrd /guest/initramfs.cpio.gz \
          -chardev pipe,id=mon,path=/tmp/qmon -mon chardev=mon,mode=readline \
