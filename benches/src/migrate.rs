@@ -741,6 +741,15 @@ fn qemu_tls_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, MigrateBenchErro
         .collect()
 }
 
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs the benchmark with the `hospes` binary at `hospes` (placed in L2): per workload,
 /// `runs` rounds alternating hospes and QEMU at the budget, then, where a hospes run did
 /// not converge, as many at the fallback budget. `progress` gets one line per run.
@@ -760,13 +769,13 @@ pub fn run(
         .add_qemu()
         .add_file(guest.join("vmlinuz"), "/guest/vmlinuz")
         .add_file(guest.join("initramfs.cpio.gz"), "/guest/initramfs.cpio.gz");
-    let tls = std::env::temp_dir().join(format!("hospes-bench-qtls-{}", std::process::id()));
-    let cfg = qemu_tls_files(&tls)?
+    // The certificates stay on the host for as long as the L2 may have to be rebooted.
+    let tls =
+        TempDir(std::env::temp_dir().join(format!("hospes-bench-qtls-{}", std::process::id())));
+    let cfg = qemu_tls_files(&tls.0)?
         .into_iter()
         .fold(cfg, |cfg, (file, l2_path)| cfg.add_file(file, &l2_path));
-    let l2 = rig::L2::boot(cfg);
-    let _ = std::fs::remove_dir_all(&tls);
-    let mut l2 = l2?;
+    let mut l2 = rig::L2::boot(cfg)?;
     let timeout = Duration::from_secs(params.limit_s + 600);
     let mut port: u16 = 4440;
     let mut rows = Vec::new();
@@ -825,6 +834,12 @@ pub fn run(
                             Err(format!("rig: {e}").chars().take(160).collect())
                         }
                     };
+                    // Nested SVM under TCG hangs now and then (seen with QEMU's runs as
+                    // with hospes'): a fresh L2 for the next run, not a lost bench.
+                    if l2.agent_lost() {
+                        progress("L2 stopped answering; rebooting it");
+                        l2.reboot()?;
+                    }
                     match &result {
                         Ok(m) => progress(&format!(
                             "{what}: total {:.2} s, downtime {:.0} ms, wire {:.1} MB (disk {:.1}), \

@@ -57,6 +57,8 @@ pub struct L2 {
     agent_lost: bool,
     boot_time: Duration,
     nested_paging: bool,
+    /// What it was booted with, for [`L2::reboot`].
+    cfg: RigConfig,
 }
 
 impl L2 {
@@ -167,6 +169,7 @@ impl L2 {
             agent_lost: false,
             boot_time: Duration::ZERO,
             nested_paging: false,
+            cfg: cfg.clone(),
         };
         l2.channel = l2.accept(&listener, start + cfg.boot_timeout, cfg.boot_timeout)?;
         let mut reader = l2.channel.try_clone().map_err(|e| RigError::io(&sock, e))?;
@@ -277,6 +280,32 @@ impl L2 {
         }
     }
 
+    /// Whether L2 stopped answering: a command outlived its timeout without the agent
+    /// reporting back, or the agent's channel closed. Every later [`L2::run`] fails with
+    /// [`RigError::AgentLost`]; only a new L2 helps.
+    pub fn agent_lost(&self) -> bool {
+        self.agent_lost
+    }
+
+    /// Kills this L2's QEMU and boots a fresh one with the same configuration (network
+    /// ports included: the old QEMU is gone first), for an L2 that stopped answering.
+    /// On error `self` is a dead L2 whose commands fail with [`RigError::AgentLost`].
+    pub fn reboot(&mut self) -> Result<(), RigError> {
+        self.kill();
+        self.agent_lost = true;
+        *self = L2::boot(self.cfg.clone())?;
+        Ok(())
+    }
+
+    /// Stops QEMU and removes the temporary files; idempotent.
+    fn kill(&mut self) {
+        // EOF on the watcher's stdin: it kills QEMU, then exits.
+        drop(self.watcher_stdin.take());
+        let _ = self.channel.shutdown(std::net::Shutdown::Both);
+        let _ = self.watcher.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+
     /// L2's own serial console (kernel log, init messages) so far.
     pub fn console_log(&self) -> String {
         fs::read(self.dir.join("console.log"))
@@ -383,11 +412,7 @@ impl L2 {
 
 impl Drop for L2 {
     fn drop(&mut self) {
-        // EOF on the watcher's stdin: it kills QEMU, then exits.
-        drop(self.watcher_stdin.take());
-        let _ = self.channel.shutdown(std::net::Shutdown::Both);
-        let _ = self.watcher.wait();
-        let _ = fs::remove_dir_all(&self.dir);
+        self.kill();
     }
 }
 

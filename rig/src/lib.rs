@@ -41,14 +41,23 @@ pub fn guest_dir() -> Result<PathBuf, RigError> {
 
 /// The L2 shared by every test of one test binary: booted by the first caller with the
 /// config `cfg` returns (later callers' `cfg` is not called), then handed out one test at
-/// a time. A test that panicked while holding it does not poison it for the others.
+/// a time. A test that panicked while holding it does not poison it for the others. An
+/// L2 that stopped answering (see [`L2::agent_lost`]; nested SVM under TCG hangs now and
+/// then) is rebooted before it is handed out, so one hang fails one test, not every test
+/// after it.
 ///
 /// The L2 lives until the process exits; its QEMU is then killed by a watcher that
 /// notices the process is gone (see `l2.rs`), and its temporary files are removed.
 pub fn shared(cfg: impl FnOnce() -> RigConfig) -> Result<MutexGuard<'static, L2>, RigError> {
     static SHARED: OnceLock<Result<Mutex<L2>, String>> = OnceLock::new();
-    match SHARED.get_or_init(|| L2::boot(cfg()).map(Mutex::new).map_err(|e| e.to_string())) {
-        Ok(l2) => Ok(l2.lock().unwrap_or_else(|poisoned| poisoned.into_inner())),
-        Err(msg) => Err(RigError::SharedBoot(msg.clone())),
+    let mut guard =
+        match SHARED.get_or_init(|| L2::boot(cfg()).map(Mutex::new).map_err(|e| e.to_string())) {
+            Ok(l2) => l2.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
+            Err(msg) => return Err(RigError::SharedBoot(msg.clone())),
+        };
+    if guard.agent_lost() {
+        eprintln!("rig: the shared L2 stopped answering; booting a new one");
+        guard.reboot()?;
     }
+    Ok(guard)
 }
