@@ -283,8 +283,11 @@ pub fn spawn(
                 acks: ack_tx,
                 throttle: 0,
                 timer: None,
+                rehearsed: false,
             };
-            vcpu.rehearse_save();
+            if !paused {
+                vcpu.rehearse_save();
+            }
             vcpu.serve_commands();
             let event = vcpu.run();
             // The receiver lives as long as the VMM thread's loop; if it is gone the
@@ -326,6 +329,8 @@ struct Thread {
     /// The timer that kicks this thread out of the guest after each [`THROTTLE_SLICE`]
     /// while throttled.
     timer: Option<KickTimer>,
+    /// Whether `rehearse_save` ran.
+    rehearsed: bool,
 }
 
 /// A POSIX timer sending the kick signal to one thread (SIGEV_THREAD_ID) periodically.
@@ -456,14 +461,17 @@ impl Thread {
         }
     }
 
-    /// Paused: outside KVM_RUN until told to resume.
     /// Saves this vCPU's state once, before the guest first runs here, and drops it. The
     /// first run of a code path pays for page faults on the binary's text (major ones if
     /// it is not in the page cache) and, under emulation, for translating it, in hospes
     /// and in KVM alike: without this the first save would pay inside the guest's pause,
     /// a migration's stop-and-copy or a snapshot's. Measured in the test rig, whose L2
     /// runs under TCG: about 15 ms of a first save's 18. A failure only costs that gain.
-    fn rehearse_save(&self) {
+    /// A thread spawned paused (a migration's destination, which launches inside the
+    /// guest's pause) rehearses once it has acknowledged the pause, while its VMM thread
+    /// goes on; see `paused`.
+    fn rehearse_save(&mut self) {
+        self.rehearsed = true;
         let start = Instant::now();
         match state::save_vcpu(&self.fd, self.index, &self.links.msr_index) {
             Ok(_) => tracing::debug!(
@@ -475,6 +483,7 @@ impl Thread {
         }
     }
 
+    /// Paused: outside KVM_RUN until told to resume.
     fn paused(&mut self) {
         // EINVAL means the guest does not use kvmclock: nothing to tell it.
         if let Err(e) = self.fd.kvmclock_ctrl() {
@@ -483,6 +492,9 @@ impl Thread {
             }
         }
         let _ = self.acks.send(Ack::Paused);
+        if !self.rehearsed {
+            self.rehearse_save();
+        }
         loop {
             match self.commands.recv() {
                 Ok(Command::Pause) => {

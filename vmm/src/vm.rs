@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::{AcpiPower, SerialConsole, SerialOutput, I8042};
@@ -33,7 +33,7 @@ use kvm_ioctls::IoEventAddress;
 use snapshot::{DriveConfig, MachineConfig, NetConfig as SnapNetConfig};
 
 use crate::acpi::{self, AcpiMachine, VirtioMmioSlot};
-use crate::api::{ApiChannel, ApiServer};
+use crate::api::{ApiChannel, ApiRequest, ApiResponse, ApiServer};
 use crate::boot::{self, BootSource};
 use crate::bus::{lock, Bus};
 use crate::control::Control;
@@ -629,6 +629,31 @@ pub(crate) fn run_built(
     built: Built,
     api: Option<(ApiServer, ApiChannel)>,
 ) -> Result<Outcome, VmmError> {
+    launch(built, api, false)?.run()
+}
+
+/// A VM with its vCPU threads and event loop set up: what [`launch`] returns.
+pub(crate) struct Launched {
+    vm: Vm,
+    events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    supervisor: Arc<Mutex<Supervisor>>,
+    api_requests: Option<Receiver<(ApiRequest, Sender<ApiResponse>)>>,
+    control_wake: EventFd,
+    _api_server: Option<ApiServer>,
+    _raw_terminal: Option<terminal::RawMode>,
+}
+
+/// Sets up everything `built` needs to run (event loop, signal handling, vCPU threads)
+/// and starts its vCPUs, or with `paused` leaves each thread stopped before its first
+/// `KVM_RUN` until [`Launched::resume`]. A destination launches paused before it says
+/// Ready, so that whatever can fail fails while the source can still resume, and
+/// Commit only has to let the vCPUs go. Dropping a paused `Launched` never runs the
+/// guest: its vCPU threads park for good once their command channel is gone.
+pub(crate) fn launch(
+    built: Built,
+    api: Option<(ApiServer, ApiChannel)>,
+    paused: bool,
+) -> Result<Launched, VmmError> {
     let Built {
         name,
         spec_json,
@@ -652,6 +677,7 @@ pub(crate) fn run_built(
 
     // The event loop. Signals are blocked before the vCPU threads start so they inherit
     // the mask and only the signalfd sees SIGINT/SIGTERM.
+    let mut laps = crate::laps::Laps::start();
     let signals = signal_fd().map_err(|source| VmmError::Io {
         what: "signalfd",
         source,
@@ -691,6 +717,7 @@ pub(crate) fn run_built(
         None
     };
 
+    laps.lap("event loop");
     let msr_index: Arc<[u32]> = kvm
         .get_msr_index_list()
         .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
@@ -700,6 +727,7 @@ pub(crate) fn run_built(
         what: "installing the vCPU kick signal handler",
         source: io::Error::other(e.to_string()),
     })?;
+    laps.lap("MSR list and kick handler");
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let mut vcpus = Vec::new();
     for (index, fd) in vcpu_fds.into_iter().enumerate() {
@@ -711,15 +739,21 @@ pub(crate) fn run_built(
             msr_index: msr_index.clone(),
         };
         let handle =
-            vcpu::spawn(index as u32, fd, links, false).map_err(|source| VmmError::Io {
+            vcpu::spawn(index as u32, fd, links, paused).map_err(|source| VmmError::Io {
                 what: "spawning a vCPU thread",
                 source,
             })?;
         vcpus.push(handle);
     }
-    tracing::info!(service = %name, vcpus = config.vcpus, memory_mib = config.memory_mib, "VM running");
+    laps.lap("vCPU threads");
+    if paused {
+        // A destination launches inside the guest's pause: worth seeing.
+        tracing::info!("launch, paused: {laps}");
+    } else {
+        tracing::debug!("launch: {laps}");
+    }
 
-    let mut vm = Vm {
+    let vm = Vm {
         name,
         spec_json,
         config,
@@ -732,29 +766,74 @@ pub(crate) fn run_built(
         vcpus,
         _kvm: kvm,
     };
-    let mut control = Control::new(control_wake);
-    loop {
-        if let Some(outcome) = lock(&supervisor).outcome.take() {
-            // The vCPU threads may still be inside KVM_RUN on this VM and its memory;
-            // unmapping the memory under them would turn their next guest access into an
-            // error. The caller ends the process right after, which releases both at once.
-            std::mem::forget(vm);
-            return outcome;
+    let launched = Launched {
+        vm,
+        events,
+        supervisor,
+        api_requests,
+        control_wake,
+        _api_server,
+        _raw_terminal,
+    };
+    if !paused {
+        launched.running();
+    }
+    Ok(launched)
+}
+
+impl Launched {
+    /// Lets the vCPUs of a VM launched paused run.
+    pub(crate) fn resume(&self) -> Result<(), VmmError> {
+        for vcpu in &self.vm.vcpus {
+            vcpu.resume().map_err(|e| VmmError::VcpuFailed {
+                index: vcpu.index(),
+                reason: e.to_string(),
+            })?;
         }
-        if let Some(requests) = &api_requests {
-            while let Ok((request, reply)) = requests.try_recv() {
-                if let Some(outcome) = control.handle_request(&mut vm, request, reply) {
-                    std::mem::forget(vm);
-                    return Ok(outcome);
+        self.running();
+        Ok(())
+    }
+
+    fn running(&self) {
+        let (vm, config) = (&self.vm, &self.vm.config);
+        tracing::info!(service = %vm.name, vcpus = config.vcpus, memory_mib = config.memory_mib, "VM running");
+    }
+
+    /// Runs the event loop until the VM ends.
+    pub(crate) fn run(self) -> Result<Outcome, VmmError> {
+        let Launched {
+            mut vm,
+            mut events,
+            supervisor,
+            api_requests,
+            control_wake,
+            _api_server,
+            _raw_terminal,
+        } = self;
+        let mut control = Control::new(control_wake);
+        loop {
+            if let Some(outcome) = lock(&supervisor).outcome.take() {
+                // The vCPU threads may still be inside KVM_RUN on this VM and its memory;
+                // unmapping the memory under them would turn their next guest access into an
+                // error. The caller ends the process right after, which releases both at once.
+                std::mem::forget(vm);
+                return outcome;
+            }
+            if let Some(requests) = &api_requests {
+                while let Ok((request, reply)) = requests.try_recv() {
+                    if let Some(outcome) = control.handle_request(&mut vm, request, reply) {
+                        std::mem::forget(vm);
+                        return Ok(outcome);
+                    }
                 }
             }
+            if let Some(outcome) = control.poll_migration(&mut vm) {
+                std::mem::forget(vm);
+                return Ok(outcome);
+            }
+            events
+                .run()
+                .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
         }
-        if let Some(outcome) = control.poll_migration(&mut vm) {
-            std::mem::forget(vm);
-            return Ok(outcome);
-        }
-        events
-            .run()
-            .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
     }
 }

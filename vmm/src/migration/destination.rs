@@ -17,10 +17,15 @@
 //! 4. Pages and blocks are written as they arrive (the `Receiver` has checked each one),
 //!    into the memory KVM already maps (no vCPU runs) and the drive images.
 //! 5. On Done (the hash matched): the build is finished from the State frame
-//!    (`checkpoint::finish_build`: devices, TAPs, VM and vCPU state, queues) without
-//!    starting its vCPUs. If that fails the source is told to resume (Abort).
+//!    (`checkpoint::finish_build`: devices, TAPs, VM and vCPU state, queues) and launched
+//!    with its vCPU threads paused before their first `KVM_RUN` (`vm::launch`: event
+//!    loop, signal handling, vCPU threads). If either fails the source is told to resume
+//!    (Abort).
 //! 6. Ready goes back, and the source answers Commit once it has stopped for good.
-//! 7. Commit: the vCPUs start; the VM is this side's from now on.
+//! 7. Commit: the vCPUs are let go, and only then does our stream end, which is the
+//!    acknowledgement the source waits for. The source's downtime, from its pause to
+//!    that acknowledgement, thus covers the destination's resume. The VM is this side's
+//!    from now on.
 //!
 //! Any failure before Commit, or an Abort from the source: the VM built here (if any) is
 //! dropped without ever having run, the drive images made here are deleted, the memory
@@ -188,20 +193,22 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
     target.mem = None;
     target.disks.clear();
     laps.lap("close the stream's handles");
-    let built = match target.prebuilt.take() {
+    let launched = match target.prebuilt.take() {
         Some(prebuilt) => checkpoint::check_layout(&options.dir, &state).and_then(|()| {
             laps.lap("check the layout");
             let spec_json = std::mem::take(&mut target.spec_json);
-            let built = checkpoint::finish_build(prebuilt, *state, spec_json);
+            let built = checkpoint::finish_build(prebuilt, *state, spec_json)?;
             laps.lap("phase two");
-            built
+            let launched = vm::launch(built, api, true);
+            laps.lap("launch, paused");
+            launched
         }),
         None => Err(MigrationError::Unacceptable("the stream ended without a Hello".into()).into()),
     };
-    let built = match built {
-        Ok(built) => {
-            tracing::info!("Done to VM built: {laps}");
-            built
+    let launched = match launched {
+        Ok(launched) => {
+            tracing::info!("Done to VM launched: {laps}");
+            launched
         }
         Err(e) => {
             let _ = receiver.abort(&mut out, &format!("the destination cannot run the VM: {e}"));
@@ -226,18 +233,21 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
             ))),
         });
     if let Err(e) = committed {
-        drop(built);
+        drop(launched);
         target.discard();
         close_with(&rt, &endpoint, &conn, &e);
         tracing::warn!("no Commit from the source; nothing runs here: {e}");
         return Err(e.into());
     }
     // 7. The source has stopped for good: the guest runs here from now on, whatever
-    // happens to the connection, which is wound down on the side.
-    // Ending our stream tells the source that Commit arrived (often before QUIC's
-    // acknowledgement does); nothing follows Ready on it anyway.
+    // happens to the connection, which is wound down on the side. The vCPUs go first;
+    // then ending our stream tells the source that Commit arrived and the guest runs
+    // (often before QUIC's acknowledgement does); nothing follows Ready on it anyway.
+    // A vCPU that cannot resume (its thread is gone) leaves the VM here, stopped: the
+    // error says so, and the drive images stay for whoever looks.
+    let resumed = launched.resume();
     let _ = out.stream.finish();
-    tracing::info!("Commit received: starting the VM");
+    resumed?;
     std::thread::spawn(move || {
         let mut rest = Vec::new();
         let _ = input.read_to_end(&mut rest);
@@ -246,7 +256,7 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
         });
         endpoint.close();
     });
-    vm::run_built(built, api)
+    launched.run()
 }
 
 /// Longest reason put in a CONNECTION_CLOSE frame; quinn cuts it to fit one packet anyway.

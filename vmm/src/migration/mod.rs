@@ -36,13 +36,14 @@
 //!    so none is in flight), sends the pending and last pages and blocks as the final
 //!    round, then the state once it has it, and Done with the hash of every frame.
 //! 6. The destination checks the hash, finishes building the VM exactly as a restore
-//!    does (it built what the configuration alone decides when the Hello arrived), without
-//!    starting its vCPUs, and answers Ready.
+//!    does (it built what the configuration alone decides when the Hello arrived),
+//!    launches it with its vCPUs paused, and answers Ready.
 //! 7. On Ready the source commits: from here on it never resumes its copy. It sends
 //!    Commit, finishes the stream and waits until QUIC reports every byte of it
 //!    acknowledged by the destination, or until the destination ends its own stream,
-//!    which it does once it has read Commit, and starts the vCPUs. Then the source stops
-//!    (exit with [`crate::vm::Outcome::Migrated`]).
+//!    which it does once it has read Commit and let its vCPUs go (they were launched
+//!    paused before Ready). The downtime ends at the latter: source pause to destination
+//!    resume. Then the source stops (exit with [`crate::vm::Outcome::Migrated`]).
 //!
 //! Any failure before Commit (refused, connection lost, destination killed, a bad or
 //! truncated stream, a timeout) ends the migration thread with an error; the VMM thread

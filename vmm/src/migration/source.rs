@@ -40,6 +40,9 @@ const THROTTLE_AFTER_ROUNDS: u32 = 2;
 /// the destination build the VM first, on a link that may have slowed down since the
 /// estimate.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long after Commit's acknowledgement the source waits to see the destination's
+/// guest running (the end of its stream), which is where the downtime ends.
+const RESUME_WAIT: Duration = Duration::from_secs(1);
 /// How long to let queued data drain before deciding a round, at most.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
@@ -510,15 +513,23 @@ impl Source {
         // still resume here. Once written, only its acknowledgement tells.
         self.progress(|p| p.phase = "commit");
         sender.commit(out)?;
-        let confirmed = out.confirm(input, COMMIT_WAIT);
+        let confirmed = out.confirm(input, COMMIT_WAIT, RESUME_WAIT);
         if self.commit_unacked {
             return Err(MigrationError::InDoubt(format!(
                 "HOSPES_FAULT=commit-unacked: the acknowledgement of Commit ({confirmed:?}) is taken as lost"
             )));
         }
-        confirmed.map_err(MigrationError::InDoubt)?;
-        laps.lap("Commit acknowledged");
+        let resumed = confirmed.map_err(MigrationError::InDoubt)?;
         let downtime = paused.elapsed();
+        if resumed {
+            laps.lap("Commit to destination resumed");
+        } else {
+            laps.lap("Commit acknowledged");
+            tracing::warn!(
+                "the destination did not report its guest running within {RESUME_WAIT:?} \
+                 of acknowledging Commit: the downtime counts to that acknowledgement"
+            );
+        }
         tracing::info!(
             "stop-and-copy: {laps}; last round {last_round_bytes} bytes, state {state_bytes} bytes, \
              RTT {:.1} ms; expected {:.1} ms ({:.1} ms of it fixed)",

@@ -54,15 +54,20 @@ impl StreamWriter {
     /// Ends the stream and waits until the peer has received every byte of it: until its
     /// QUIC stack acknowledged them all, or until it ended its own stream, `input`, with
     /// nothing more on it, whichever comes first. The destination ends its stream only
-    /// once it has read Commit (step 7 of the parent module); its end usually arrives
-    /// before the acknowledgement, which a QUIC receiver may delay (`max_ack_delay`, 25 ms
-    /// by default). Anything else on `input` (data, an error) leaves only the
-    /// acknowledgement to wait for.
+    /// once it has read Commit and let its vCPUs go (step 7 of the parent module).
+    /// Anything else on `input` (data, an error) leaves only the acknowledgement to wait
+    /// for.
+    ///
+    /// The acknowledgement may come first (a QUIC receiver sends it within `max_ack_delay`,
+    /// 25 ms by default, of the bytes' arrival, whatever its application does): then this
+    /// still waits up to `resume_wait` for the peer's end, which marks its guest running.
+    /// Returns whether that end was seen.
     pub(crate) fn confirm(
         &mut self,
         input: &mut StreamReader,
         wait: Duration,
-    ) -> Result<(), String> {
+        resume_wait: Duration,
+    ) -> Result<bool, String> {
         self.stream.finish().map_err(|e| e.to_string())?;
         let (stream, recv) = (&mut self.stream, &mut input.stream);
         let peer_finished = async {
@@ -79,19 +84,23 @@ impl StreamWriter {
                 Err(e) => Err(describe(&e)),
             }
         };
-        let confirmed = async {
-            tokio::select! {
-                () = peer_finished => Ok(()),
-                result = acknowledged => result,
+        self.rt.block_on(async {
+            tokio::pin!(peer_finished);
+            let confirmed = async {
+                tokio::select! {
+                    () = &mut peer_finished => Ok(true),
+                    result = acknowledged => result.map(|()| false),
+                }
+            };
+            match tokio::time::timeout(wait, confirmed).await {
+                Ok(Ok(true)) => Ok(true),
+                Ok(Ok(false)) => Ok(tokio::time::timeout(resume_wait, peer_finished)
+                    .await
+                    .is_ok()),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(format!("no acknowledgement within {wait:?}")),
             }
-        };
-        match self
-            .rt
-            .block_on(async { tokio::time::timeout(wait, confirmed).await })
-        {
-            Ok(result) => result,
-            Err(_) => Err(format!("no acknowledgement within {wait:?}")),
-        }
+        })
     }
 }
 
