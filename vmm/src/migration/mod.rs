@@ -148,8 +148,9 @@ pub struct Report {
     pub rounds: u32,
     /// From the API request to the destination's acknowledgement.
     pub total: Duration,
-    /// From pausing the vCPUs to the destination's acknowledgement: an upper bound of
-    /// the time the guest did not run.
+    /// From pausing the vCPUs to the destination's resume, which it reports by ending
+    /// its stream after its vCPUs run: an upper bound of the time the guest did not run.
+    /// When that end is not seen, to QUIC's acknowledgement of Commit (a lower bound).
     pub downtime: Duration,
     /// Bytes of migration stream sent.
     pub bytes: u64,
