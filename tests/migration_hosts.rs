@@ -90,13 +90,10 @@ fn hosts() -> MutexGuard<'static, Option<Result<Hosts, String>>> {
     }
     let mut failed = None;
     if let Some(Ok(hosts)) = guard.as_mut() {
-        for (name, l2) in [("A", &mut hosts.a), ("B", &mut hosts.b)] {
-            if l2.agent_lost() {
-                eprintln!("host {name} stopped answering; rebooting it");
-                if let Err(e) = l2.reboot() {
-                    failed = Some(format!("rebooting {name}: {e}"));
-                    break;
-                }
+        for (name, l2) in [("host A", &mut hosts.a), ("host B", &mut hosts.b)] {
+            if let Err(e) = l2.reboot_if_lost(name) {
+                failed = Some(format!("rebooting {name}: {e}"));
+                break;
             }
         }
     }

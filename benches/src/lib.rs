@@ -9,3 +9,13 @@ pub mod chart;
 pub mod io;
 pub mod migrate;
 pub mod snapshot;
+
+/// A host directory removed when dropped.
+#[derive(Debug)]
+pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

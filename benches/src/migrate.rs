@@ -741,15 +741,6 @@ fn qemu_tls_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, MigrateBenchErro
         .collect()
 }
 
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs the benchmark with the `hospes` binary at `hospes` (placed in L2): per workload,
 /// `runs` rounds alternating hospes and QEMU at the budget, then, where a hospes run did
 /// not converge, as many at the fallback budget. `progress` gets one line per run.
@@ -770,8 +761,9 @@ pub fn run(
         .add_file(guest.join("vmlinuz"), "/guest/vmlinuz")
         .add_file(guest.join("initramfs.cpio.gz"), "/guest/initramfs.cpio.gz");
     // The certificates stay on the host for as long as the L2 may have to be rebooted.
-    let tls =
-        TempDir(std::env::temp_dir().join(format!("hospes-bench-qtls-{}", std::process::id())));
+    let tls = crate::TempDir(
+        std::env::temp_dir().join(format!("hospes-bench-qtls-{}", std::process::id())),
+    );
     let cfg = qemu_tls_files(&tls.0)?
         .into_iter()
         .fold(cfg, |cfg, (file, l2_path)| cfg.add_file(file, &l2_path));
@@ -836,9 +828,8 @@ pub fn run(
                     };
                     // Nested SVM under TCG hangs now and then (seen with QEMU's runs as
                     // with hospes'): a fresh L2 for the next run, not a lost bench.
-                    if l2.agent_lost() {
-                        progress("L2 stopped answering; rebooting it");
-                        l2.reboot()?;
+                    if l2.reboot_if_lost("the bench's L2")? {
+                        progress("L2 stopped answering; rebooted it");
                     }
                     match &result {
                         Ok(m) => progress(&format!(

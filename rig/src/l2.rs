@@ -287,6 +287,18 @@ impl L2 {
         self.agent_lost
     }
 
+    /// [`L2::reboot`] if the agent was lost (saying so on stderr, as `name`); returns
+    /// whether it rebooted. For a long-lived L2 shared by tests or bench runs: nested SVM
+    /// under TCG hangs now and then, and one hang should cost one test, not the rest.
+    pub fn reboot_if_lost(&mut self, name: &str) -> Result<bool, RigError> {
+        if !self.agent_lost {
+            return Ok(false);
+        }
+        eprintln!("rig: {name} stopped answering; rebooting it");
+        self.reboot()?;
+        Ok(true)
+    }
+
     /// Kills this L2's QEMU and boots a fresh one with the same configuration (network
     /// ports included: the old QEMU is gone first), for an L2 that stopped answering.
     /// On error `self` is a dead L2 whose commands fail with [`RigError::AgentLost`].

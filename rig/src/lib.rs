@@ -55,9 +55,6 @@ pub fn shared(cfg: impl FnOnce() -> RigConfig) -> Result<MutexGuard<'static, L2>
             Ok(l2) => l2.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
             Err(msg) => return Err(RigError::SharedBoot(msg.clone())),
         };
-    if guard.agent_lost() {
-        eprintln!("rig: the shared L2 stopped answering; booting a new one");
-        guard.reboot()?;
-    }
+    guard.reboot_if_lost("the shared L2")?;
     Ok(guard)
 }

@@ -49,19 +49,13 @@ pub enum ImageError {
 /// The gzipped image in a private temporary directory, removed on drop.
 #[derive(Debug)]
 pub(crate) struct GuestImage {
-    dir: PathBuf,
+    dir: crate::TempDir,
 }
 
 impl GuestImage {
     /// The `.img.gz` file.
     pub(crate) fn path(&self) -> PathBuf {
-        self.dir.join("guest.img.gz")
-    }
-}
-
-impl Drop for GuestImage {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
+        self.dir.0.join("guest.img.gz")
     }
 }
 
@@ -149,9 +143,11 @@ fn copy(from: &Path, to: &Path) -> Result<(), ImageError> {
 /// Stages the tool, its libraries and `guest.sh`, and makes the gzipped ext4 image.
 pub(crate) fn build(iotool: &Path, p: &IoParams) -> Result<GuestImage, ImageError> {
     let image = GuestImage {
-        dir: std::env::temp_dir().join(format!("hospes-bench-io-{}", std::process::id())),
+        dir: crate::TempDir(
+            std::env::temp_dir().join(format!("hospes-bench-io-{}", std::process::id())),
+        ),
     };
-    let stage = image.dir.join("stage");
+    let stage = image.dir.0.join("stage");
     for d in [stage.join("lib"), stage.join("lib64")] {
         fs::create_dir_all(&d).map_err(|source| ImageError::Stage {
             path: d.clone(),
@@ -185,7 +181,7 @@ pub(crate) fn build(iotool: &Path, p: &IoParams) -> Result<GuestImage, ImageErro
         source,
     })?;
 
-    let img = image.dir.join("guest.img");
+    let img = image.dir.0.join("guest.img");
     // Inode tables and journal initialised now, so no ext4lazyinit thread writes in the
     // guest during the measurements.
     run(
