@@ -283,8 +283,11 @@ pub fn spawn(
                 acks: ack_tx,
                 throttle: 0,
                 timer: None,
-                rehearsed: false,
             };
+            // A thread spawned paused belongs to a migration's destination, whose
+            // process rehearsed the save path on the fresh vCPUs before the source's guest
+            // paused (`checkpoint::Prebuilt::rehearse`). Rehearsing here as well would
+            // run inside that pause, competing for the CPU with the hand-over.
             if !paused {
                 vcpu.rehearse_save();
             }
@@ -329,8 +332,6 @@ struct Thread {
     /// The timer that kicks this thread out of the guest after each [`THROTTLE_SLICE`]
     /// while throttled.
     timer: Option<KickTimer>,
-    /// Whether `rehearse_save` ran.
-    rehearsed: bool,
 }
 
 /// A POSIX timer sending the kick signal to one thread (SIGEV_THREAD_ID) periodically.
@@ -467,11 +468,8 @@ impl Thread {
     /// and in KVM alike: without this the first save would pay inside the guest's pause,
     /// a migration's stop-and-copy or a snapshot's. Measured in the test rig, whose L2
     /// runs under TCG: about 15 ms of a first save's 18. A failure only costs that gain.
-    /// A thread spawned paused (a migration's destination, which launches inside the
-    /// guest's pause) rehearses once it has acknowledged the pause, while its VMM thread
-    /// goes on; see `paused`.
+    /// A thread spawned paused does not (see `spawn`).
     fn rehearse_save(&mut self) {
-        self.rehearsed = true;
         let start = Instant::now();
         match state::save_vcpu(&self.fd, self.index, &self.links.msr_index) {
             Ok(_) => tracing::debug!(
@@ -492,9 +490,6 @@ impl Thread {
             }
         }
         let _ = self.acks.send(Ack::Paused);
-        if !self.rehearsed {
-            self.rehearse_save();
-        }
         loop {
             match self.commands.recv() {
                 Ok(Command::Pause) => {

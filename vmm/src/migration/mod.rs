@@ -19,6 +19,9 @@
 //!    dirty-block bitmap emptied, *before* round 0 reads anything: a write after that is
 //!    in the next round's set, a write before it is in what round 0 reads.
 //! 3. Round 0: every non-zero page and disk block. Rounds 1..: what was dirtied since.
+//!    While a round runs, the source takes the dirty log again every second and leaves
+//!    what was dirtied again, and not yet sent, to the next round, which sends it anyway:
+//!    a working set rewritten faster than a round lasts crosses the link once a round.
 //! 4. Before each round, the downtime stop-and-copy would cost now ([`Estimate`]): the
 //!    dirty set's bytes as they will go out compressed ([`wire_share`]) plus what is still
 //!    unsent in the QUIC buffers, over the bandwidth
