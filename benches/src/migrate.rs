@@ -21,10 +21,15 @@
 //! destination, migrate with the downtime budget, check that the guest prints on the
 //! destination. Figures:
 //! - hospes: `total_ms`, `downtime_ms` (source pause to the destination's acknowledgement
-//!   that it runs), `bytes`, `rounds` (final round included), `blocks` × 4 KiB as the
+//!   that it runs, as the source sees it), `bytes`, `rounds` (final round included), `blocks` × 4 KiB as the
 //!   disk's share, from `hospes migrate` (its `--json` object when the binary has the
 //!   flag, else its one-line summary); non-zero memory: `memory_bytes` of a snapshot of
 //!   the destination taken right after (`hospes ctl ... snapshot DIR --then stop`);
+//!   and the pause to the resume on one clock: source and destination run in the same
+//!   L2, so the source's pause (the time of its stop-and-copy log line less the total
+//!   it gives) and the destination's `VM running` line share a clock. The acknowledgement
+//!   reaches the source only after the resumed guest, the destination and the source's
+//!   own threads have had the CPU: `downtime_ms` is an upper bound, this is the figure;
 //! - QEMU: `total time`, `downtime` (QEMU's own: source stop to the end of the stream
 //!   on the source, the destination's load and start excluded), `transferred ram` +
 //!   `transferred disk`, `dirty sync count` as rounds and `normal bytes` (non-zero pages
@@ -234,6 +239,8 @@ pub struct Measured {
     pub nonzero_mb: Option<f64>,
     /// The workload's dirtying rate measured before the migration, MiB/s.
     pub dirty_mibps: Option<f64>,
+    /// Source pause to destination resume on the one clock both share, ms (hospes only).
+    pub resumed_ms: Option<f64>,
 }
 
 /// One VMM's runs of one workload at one budget.
@@ -298,9 +305,10 @@ impl MigrateReport {
             self.runs
         );
         s.push_str(
-            "| workload | guest MiB | budget (ms) | VMM | total (s) | downtime (ms) | wire MB | \
-             of which disk MB | rounds | non-zero memory MB | dirtying MiB/s | failed runs |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "| workload | guest MiB | budget (ms) | VMM | total (s) | downtime (ms) | \
+             pause to resume, one clock (ms) | wire MB | of which disk MB | rounds | \
+             non-zero memory MB | dirtying MiB/s | failed runs |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for row in &self.rows {
             let ok: Vec<&Measured> = row.runs.iter().filter_map(|r| r.as_ref().ok()).collect();
@@ -324,13 +332,14 @@ impl MigrateReport {
                     .join("; ")
             };
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {failed} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {failed} |\n",
                 row.workload.label(),
                 row.workload.guest_mib,
                 row.budget_ms,
                 row.vmm,
                 col(&|m| Some(m.total_s), 2),
                 col(&|m| Some(m.downtime_ms), 0),
+                col(&|m| m.resumed_ms, 0),
                 col(&|m| Some(m.wire_mb), 1),
                 col(&|m| Some(m.disk_mb), 1),
                 col(&|m| Some(m.rounds), 0),
@@ -340,7 +349,9 @@ impl MigrateReport {
         }
         s.push_str(
             "\nhospes: total and downtime from `hospes migrate` (downtime: source pause to the \
-             destination's acknowledgement that the guest runs); rounds include the final \
+             destination's acknowledgement that the guest runs, as the source sees it); pause \
+             to resume on one clock: the source's pause to the destination's `VM running`, \
+             from their logs (both run in the same L2); rounds include the final \
              stop-and-copy round; non-zero memory is `memory_bytes` of a snapshot of the \
              destination taken right after the migration. QEMU: `info migrate`'s total time, \
              downtime (source side only: the destination's load and start are not in it), \
@@ -450,7 +461,64 @@ fn parse_hospes(output: &str, status: i32) -> Result<Measured, String> {
         rounds: get("rounds")?,
         nonzero_mb: field(output, "NONZERO").map(|b| b / 1e6),
         dirty_mibps: field(output, "RATE"),
+        resumed_ms: pause_to_resume(output),
     })
+}
+
+/// `line` without its ANSI colour sequences (tracing colours its timestamps).
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Seconds since midnight (UTC) of a tracing line's RFC 3339 timestamp, which starts it.
+fn log_time(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?;
+    let time = stamp.split_once('T')?.1.strip_suffix('Z')?;
+    let mut hms = time.split(':').map(str::parse::<f64>);
+    let (h, m, s) = (hms.next()?.ok()?, hms.next()?.ok()?, hms.next()?.ok()?);
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// The source's pause to the destination's resume, ms, from their logs in `output` (see
+/// the module): the source's stop-and-copy line less its `(total X ms)`, and the
+/// destination's first `VM running` line.
+fn pause_to_resume(output: &str) -> Option<f64> {
+    let lines: Vec<String> = output.lines().map(plain).collect();
+    let stop = lines.iter().find_map(|l| {
+        let l = l.strip_prefix("SRC: ")?;
+        l.contains("vmm::migration::source: stop-and-copy:")
+            .then_some(l)
+    })?;
+    let total_ms: f64 = stop
+        .split_once("(total ")?
+        .1
+        .split_once(" ms)")?
+        .0
+        .parse()
+        .ok()?;
+    let resumed = lines.iter().find_map(|l| {
+        let l = l.strip_prefix("DST: ")?;
+        l.contains("VM running").then_some(l)
+    })?;
+    let mut ms = (log_time(resumed)? - log_time(stop)?) * 1e3 + total_ms;
+    if ms < -43_200_000.0 {
+        // Across midnight.
+        ms += 86_400_000.0;
+    }
+    Some(ms)
 }
 
 /// The figures of a successful QEMU run, else why it failed.
@@ -474,6 +542,7 @@ fn parse_qemu(output: &str, status: i32) -> Result<Measured, String> {
         rounds: get("dirty sync count")?,
         nonzero_mb: field(&info, "normal bytes").map(|kb| kb * 1024.0 / 1e6),
         dirty_mibps: field(output, "RATE"),
+        resumed_ms: None,
     })
 }
 
@@ -833,10 +902,12 @@ pub fn run(
                     }
                     match &result {
                         Ok(m) => progress(&format!(
-                            "{what}: total {:.2} s, downtime {:.0} ms, wire {:.1} MB (disk {:.1}), \
-                             rounds {}, non-zero {} MB, dirtying {} MiB/s",
+                            "{what}: total {:.2} s, downtime {:.0} ms (to resume, one clock: {} \
+                             ms), wire {:.1} MB (disk {:.1}), rounds {}, non-zero {} MB, \
+                             dirtying {} MiB/s",
                             m.total_s,
                             m.downtime_ms,
+                            m.resumed_ms.map_or("-".into(), |v| format!("{v:.0}")),
                             m.wire_mb,
                             m.disk_mb,
                             m.rounds,
@@ -886,6 +957,25 @@ mod tests {
     }
 
     #[test]
+    fn the_pause_to_the_resume_comes_from_both_logs_on_one_clock() {
+        let src = "SRC: \x1b[2m2026-11-22T06:39:59.325579Z\x1b[0m \x1b[32m INFO\x1b[0m \
+                   \x1b[2mvmm::migration::source\x1b[0m\x1b[2m:\x1b[0m stop-and-copy: \
+                   pause+dirty log (VMM thread) 9.6 ms, wait for Ready 29.5 ms, Commit to \
+                   destination resumed 31.2 ms (total 85.2 ms); last round 36 bytes";
+        let dst = "DST: \x1b[2m2026-11-22T06:39:59.303242Z\x1b[0m \x1b[32m INFO\x1b[0m \
+                   \x1b[2mvmm::vm\x1b[0m\x1b[2m:\x1b[0m VM running service=mig vcpus=1";
+        let boot = "SRC: 2026-11-22T06:39:19.978813Z  INFO vmm::vm: VM running service=mig";
+        let out = format!("{boot}\n{src}\n{dst}\nDONE");
+        let ms = pause_to_resume(&out).unwrap();
+        assert!((ms - 62.863).abs() < 1e-3, "{ms}");
+        // Across midnight.
+        let late = out.replace("06:39:59.325579", "23:59:59.990000");
+        let early = late.replace("06:39:59.303242", "00:00:00.010000");
+        assert!((pause_to_resume(&early).unwrap() - 105.2).abs() < 1e-3);
+        assert_eq!(pause_to_resume(&format!("{boot}\n{src}\nDONE")), None);
+    }
+
+    #[test]
     fn hospes_figures_parse_from_the_summary_and_from_json() {
         let summary = "MIG: migrated to 127.0.0.1:4441: total_ms=2500.5 downtime_ms=40.2 rounds=3 \
                        bytes=50000000 pages=10000 blocks=1000 bandwidth_MBps=20.0\n\
@@ -901,6 +991,7 @@ mod tests {
                 rounds: 3.0,
                 nonzero_mb: Some(41.0),
                 dirty_mibps: Some(12.5),
+                resumed_ms: None,
             }
         );
         let json = "MIG: {\nMIG:   \"to\": \"127.0.0.1:4441\",\nMIG:   \"total_ms\": 2500.5,\n\
@@ -985,6 +1076,7 @@ mod tests {
             rounds: 3.0,
             nonzero_mb: Some(41.0),
             dirty_mibps: None,
+            resumed_ms: None,
         };
         let md = MigrateReport {
             runs: 2,
@@ -1011,7 +1103,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| dirty 64 MiB | 512 | 50 | hospes | — | — | — | — | — | — | — | 2 of 2: did not converge in 31 rounds |"),
+            md.contains("| dirty 64 MiB | 512 | 50 | hospes | — | — | — | — | — | — | — | — | 2 of 2: did not converge in 31 rounds |"),
             "{md}"
         );
     }
