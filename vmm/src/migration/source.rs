@@ -199,12 +199,7 @@ impl Pending {
     /// Takes the disks' dirty blocks; returns how many bytes they counted.
     fn add_blocks(&mut self, disks: &[Disk]) -> u64 {
         let taken: Vec<Vec<u64>> = disks.iter().map(|d| d.dirty.take()).collect();
-        let bytes = taken
-            .iter()
-            .flatten()
-            .map(|w| u64::from(w.count_ones()))
-            .sum::<u64>()
-            * BLOCK_SIZE as u64;
+        let bytes = block_bytes(&taken);
         if self.blocks.is_empty() {
             self.blocks = taken;
         } else {
@@ -230,14 +225,18 @@ impl Pending {
 
     fn bytes(&self) -> u64 {
         let pages: u64 = self.pages.iter().map(DirtyRegion::count).sum();
-        let blocks: u64 = self
-            .blocks
-            .iter()
-            .flatten()
-            .map(|w| u64::from(w.count_ones()))
-            .sum();
-        pages * PAGE_SIZE as u64 + blocks * BLOCK_SIZE as u64
+        pages * PAGE_SIZE as u64 + block_bytes(&self.blocks)
     }
+}
+
+/// The bytes of the blocks set in per-disk bitmaps.
+fn block_bytes(bitmaps: &[Vec<u64>]) -> u64 {
+    let blocks: u64 = bitmaps
+        .iter()
+        .flatten()
+        .map(|w| u64::from(w.count_ones()))
+        .sum();
+    blocks * BLOCK_SIZE as u64
 }
 
 fn bit(bitmap: &[u64], i: u64) -> bool {
