@@ -127,7 +127,7 @@ impl DirtyLog {
 }
 
 /// ORs `other` into `into`; a shorter side counts as clean.
-fn merge(into: &mut Vec<u64>, other: &[u64]) {
+pub(crate) fn merge(into: &mut Vec<u64>, other: &[u64]) {
     if into.len() < other.len() {
         into.resize(other.len(), 0);
     }

@@ -22,7 +22,7 @@ use super::{
     CONNECT_TIMEOUT,
 };
 use crate::api::{Converge, MigrateRequest};
-use crate::dirty::DirtyRegion;
+use crate::dirty::{merge, DirtyRegion};
 use crate::laps::Laps;
 use crate::vm::Vm;
 
@@ -190,7 +190,7 @@ impl Pending {
             self.pages = regions;
         } else {
             for (into, from) in self.pages.iter_mut().zip(regions) {
-                or_into(&mut into.bitmap, &from.bitmap);
+                merge(&mut into.bitmap, &from.bitmap);
             }
         }
         bytes
@@ -204,7 +204,7 @@ impl Pending {
             self.blocks = taken;
         } else {
             for (into, from) in self.blocks.iter_mut().zip(taken) {
-                or_into(into, &from);
+                merge(into, &from);
             }
         }
         bytes
@@ -279,15 +279,6 @@ impl Ahead {
         self.since = Instant::now();
         self.skipped = 0;
         std::mem::take(&mut self.pending)
-    }
-}
-
-fn or_into(into: &mut Vec<u64>, from: &[u64]) {
-    if into.len() < from.len() {
-        into.resize(from.len(), 0);
-    }
-    for (a, b) in into.iter_mut().zip(from) {
-        *a |= b;
     }
 }
 
