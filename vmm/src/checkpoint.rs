@@ -15,22 +15,28 @@
 //! 1. Read and check the state file and the memory file's length (a bad snapshot starts
 //!    nothing). Guest RAM as at boot, filled from the memory file (holes stay zero).
 //!
-//! Then the build, in two phases. Phase one ([`prebuild`]) needs only the machine
-//! configuration, so a migration destination runs it as soon as the Hello announces the
-//! VM, while pre-copy goes on; phase two ([`finish_build`]) needs the saved state.
+//! Then the build, in three phases. Phases one ([`prebuild`]) and two
+//! ([`Prebuilt::launch_paused`]) need only the machine configuration, so a migration
+//! destination runs them as soon as the Hello announces the VM, while pre-copy goes on;
+//! only phase three ([`Staged::finish`]) needs the saved state, and only it runs inside
+//! the guest's pause.
 //! 2. KVM, the VM, its TSS, irqchip and PIT, exactly as for a boot (`vm::create_vm`).
 //! 3. Guest RAM registered with KVM (it may still be written afterwards: no vCPU runs).
 //! 4. Each drive image opened and locked by its block device.
 //! 5. vCPUs created: their LAPICs must exist before the VM-wide state is restored (7).
-//! 6. Phase two. Devices as the snapshot left them: COM1 from its registers, the TAPs
-//!    opened (only now: in a handover on one host, a TAP queue attached early would take
-//!    its share of the guest's incoming frames during the whole pre-copy), each virtio
-//!    transport with its queues. Their irqfds and ioeventfds are registered as at boot.
-//! 7. The VM-wide state (PIT, kvmclock, PICs, IOAPIC), then each vCPU's state (see
-//!    `state` for that order).
+//! 6. Phase two: the devices as at boot, fresh (COM1, the TAPs opened, each virtio
+//!    transport with its irqfd and ioeventfds), and the VM launched with its vCPU threads
+//!    paused before their first `KVM_RUN` (event loop, signal handling, vCPU threads).
+//!    Each TAP queue is detached from its TAP at once: in a handover on one host, an
+//!    attached queue would take its share of the guest's incoming frames during the
+//!    whole pre-copy.
+//! 7. Phase three: the TAP queues attached again; COM1 from its registers and each
+//!    virtio transport with its queues, as the snapshot left them; the VM-wide state
+//!    (PIT, kvmclock, PICs, IOAPIC), then each vCPU's state, written by the vCPU's own
+//!    thread (see `state` for that order).
 //! 8. Every queue processed once (notifications the old process never saw), and the
 //!    interrupt of each device whose InterruptStatus is set raised once more (edges raised
-//!    before step 7 were overwritten by it), then the vCPU threads start.
+//!    before step 7 were overwritten by it), then the vCPUs are let go.
 //!
 //! The restored VM runs on the drive images inside the snapshot directory: restoring
 //! consumes the snapshot. Copy the directory first (`cp -r --reflink=auto`) to keep it.
@@ -45,13 +51,13 @@ use snapshot::dir::{SnapshotWriter, MEMORY_FILE, STATE_FILE};
 use snapshot::{DevicesState, MachineConfig, MemoryState, VmState};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::api::ApiServer;
+use crate::api::{ApiChannel, ApiServer};
 use crate::bus::lock;
 use crate::laps::Laps;
 use crate::layout::ram_ranges;
 use crate::state::{self, StateError};
 use crate::vcpu::{PendingSave, VcpuError};
-use crate::vm::{self, Built, Outcome, RunOptions, Vm};
+use crate::vm::{self, Built, Launched, Outcome, RunOptions, Vm};
 use crate::{memory, VmmError};
 
 /// Errors writing a snapshot. The VM goes on (or stays paused) after any of them.
@@ -299,23 +305,14 @@ pub fn restore(dir: &Path, options: &RunOptions) -> Result<Outcome, VmmError> {
         "restored_from": dir,
         "machine": state.machine,
     });
-    let built = build_from_state(state, mem, &dir, spec_json)?;
-    tracing::info!("restored {} from {}", built.name, dir.display());
-    vm::run_built(built, api)
-}
-
-/// Steps 2-8 of a restore: a VM built around `mem` (already holding guest RAM) and the
-/// drive images in `dir`, in `state`'s configuration and state, its vCPUs not started.
-/// Both phases back to back; a migration destination runs the first one early
-/// ([`prebuild`] on the Hello) and the second ([`finish_build`]) on Done.
-pub(crate) fn build_from_state(
-    state: VmState,
-    mem: devices::GuestMemoryMmap,
-    dir: &Path,
-    spec_json: serde_json::Value,
-) -> Result<Built, VmmError> {
-    let prebuilt = prebuild(&state.machine, mem, dir)?;
-    finish_build(prebuilt, state, spec_json)
+    // The three phases back to back; a migration destination runs the first two as soon
+    // as the Hello announces the VM and the third on Done.
+    let launched = prebuild(&state.machine, mem, &dir)?
+        .launch_paused(spec_json, api)?
+        .finish(state)?;
+    tracing::info!("restored {} from {}", launched.vm().name, dir.display());
+    launched.resume()?;
+    launched.run()
 }
 
 /// A VM made from its machine configuration alone (phase one, steps 2-5 of the module
@@ -400,13 +397,13 @@ pub(crate) fn prebuild(
 }
 
 impl Prebuilt {
-    /// Runs what phase two runs on the state (its decoding, and writing the VM's and each
+    /// Runs what phase three runs on the state (its decoding, and writing the VM's and each
     /// vCPU's) once, on this VM's own fresh state, while the source's guest still runs.
     /// The first run of a code path pays for page faults on the binary's text (major ones
     /// if it is not in the page cache) and, under emulation, for translating it; a
     /// migration would pay inside the guest's pause. Measured in the test rig, whose L2
     /// runs under TCG: a first decode of a 13 KB state 28 ms, the next one 2 ms. What this
-    /// writes is what it read, and [`finish_build`] writes all of it again, in order. A
+    /// writes is what it read, and [`Staged::finish`] writes all of it again, in order. A
     /// failure only costs that gain: it is logged, not returned.
     pub(crate) fn rehearse(&self) {
         let mut laps = Laps::start();
@@ -435,121 +432,174 @@ impl Prebuilt {
             Ok(())
         };
         match run() {
-            Ok(()) => tracing::debug!("phase two rehearsed: {laps}"),
-            Err(e) => tracing::debug!("phase two rehearsal stopped: {e} ({laps})"),
+            Ok(()) => tracing::debug!("phase three rehearsed: {laps}"),
+            Err(e) => tracing::debug!("phase three rehearsal stopped: {e} ({laps})"),
         }
     }
 }
 
-/// Phase two of a build: `prebuilt` given `state` (whose machine must be the one it was
-/// built for), its vCPUs not started.
-pub(crate) fn finish_build(
-    prebuilt: Prebuilt,
-    state: VmState,
-    spec_json: serde_json::Value,
-) -> Result<Built, VmmError> {
-    let Prebuilt {
-        machine,
-        dir,
-        kvm,
-        vm,
-        mem,
-        blocks,
-        vcpu_fds,
-    } = prebuilt;
-    let mismatch = |reason: String| VmmError::StateMismatch { reason };
-    if state.machine != machine {
-        return Err(mismatch(format!(
-            "the state is of machine {:?}, the VM was built for {machine:?}",
-            state.machine
-        )));
-    }
-    let devices_expected = machine.drives.len() + machine.nets.len();
-    if state.devices.virtio.len() != devices_expected {
-        return Err(mismatch(format!(
-            "{} virtio transport states for {devices_expected} devices",
-            state.devices.virtio.len()
-        )));
-    }
-    if state.vcpus.len() != vcpu_fds.len() {
-        return Err(mismatch(format!(
-            "{} vCPU states for {} vCPUs",
-            state.vcpus.len(),
-            vcpu_fds.len()
-        )));
-    }
-    let mut laps = Laps::start();
-
-    // 6. Devices: COM1 from its registers, the TAPs opened, each transport attached with
-    //    its saved queues (irqfds and ioeventfds registered as at boot).
-    let mut platform = vm::platform(&vm, Some(&state.devices.serial))?;
-    laps.lap("platform");
-    let disk_dirty = blocks.iter().map(Block::dirty).collect();
-    let mut devices: Vec<Box<dyn virtio::VirtioDevice + Send>> = Vec::new();
-    for block in blocks {
-        devices.push(Box::new(block));
-    }
-    for n in &state.machine.nets {
-        let config = virtio::NetConfig {
-            id: n.id.clone(),
-            tap: n.tap.clone(),
-            mac: n.mac,
-        };
-        devices.push(Box::new(Net::new(config).map_err(|e| {
-            VmmError::Device {
+impl Prebuilt {
+    /// Phase two of a build (step 6): the devices attached as at boot, fresh, and the VM
+    /// launched with its vCPU threads paused before their first `KVM_RUN`: everything but
+    /// the state. Each TAP queue is taken out of its TAP until [`Staged::finish`].
+    pub(crate) fn launch_paused(
+        self,
+        spec_json: serde_json::Value,
+        api: Option<(ApiServer, ApiChannel)>,
+    ) -> Result<Staged, VmmError> {
+        let Prebuilt {
+            machine,
+            dir,
+            kvm,
+            vm,
+            mem,
+            blocks,
+            vcpu_fds,
+        } = self;
+        let mut laps = Laps::start();
+        let mut platform = vm::platform(&vm)?;
+        laps.lap("platform");
+        let disk_dirty = blocks.iter().map(Block::dirty).collect();
+        let mut devices: Vec<Box<dyn virtio::VirtioDevice + Send>> = Vec::new();
+        for block in blocks {
+            devices.push(Box::new(block));
+        }
+        let mut taps = Vec::new();
+        for n in &machine.nets {
+            let config = virtio::NetConfig {
+                id: n.id.clone(),
+                tap: n.tap.clone(),
+                mac: n.mac,
+            };
+            let device_err = |e: virtio::NetError| VmmError::Device {
                 id: n.id.clone(),
                 reason: e.to_string(),
+            };
+            let net = Net::new(config).map_err(device_err)?;
+            let queue = net.tap_queue().map_err(device_err)?;
+            if queue.detach().map_err(device_err)? {
+                taps.push(queue);
             }
-        })?));
+            devices.push(Box::new(net));
+        }
+        laps.lap("open TAPs");
+        let mut transports = Vec::new();
+        for (i, device) in devices.into_iter().enumerate() {
+            transports.push(vm::attach_virtio(
+                &vm,
+                &mem,
+                &mut platform.mmio,
+                vm::virtio_slot(i),
+                device,
+                None,
+            )?);
+        }
+        laps.lap("attach transports");
+        let drive_paths = machine.drives.iter().map(|d| dir.join(&d.file)).collect();
+        let built = Built {
+            name: machine.name.clone(),
+            spec_json,
+            config: machine,
+            drive_paths,
+            kvm,
+            vm,
+            mem,
+            platform,
+            transports,
+            disk_dirty,
+            vcpu_fds,
+        };
+        let launched = vm::launch(built, api, true)?;
+        laps.lap("launch, paused");
+        tracing::info!("VM build, phase two: {laps}");
+        Ok(Staged { launched, taps })
     }
-    laps.lap("open TAPs");
-    let mut transports = Vec::new();
-    for (i, (device, saved)) in devices.into_iter().zip(&state.devices.virtio).enumerate() {
-        transports.push(vm::attach_virtio(
-            &vm,
-            &mem,
-            &mut platform.mmio,
-            vm::virtio_slot(i),
-            device,
-            Some(saved),
-        )?);
-    }
-    laps.lap("attach transports");
+}
 
-    // 7. The VM-wide state (the vCPUs, and so their LAPICs, exist since step 5), then
-    //    each vCPU's state.
-    state::restore_vm(&vm, &state.vm).map_err(VmmError::from)?;
-    laps.lap("restore VM state");
-    for (index, (fd, saved)) in vcpu_fds.iter().zip(&state.vcpus).enumerate() {
-        state::restore_vcpu(fd, index as u32, saved)?;
-    }
-    laps.lap("restore vCPU state");
+/// A VM launched paused before its state was known ([`Prebuilt::launch_paused`]). Dropping
+/// it discards the VM, which never ran.
+pub(crate) struct Staged {
+    launched: Launched,
+    /// The TAP queues taken out of their TAPs, put back by [`Staged::finish`].
+    taps: Vec<virtio::TapQueue>,
+}
 
-    // 8. Queues, and interrupts the guest has not seen. Only now: an edge raised before
-    //    the IOAPIC and LAPICs were restored in step 7 was overwritten with them.
-    for transport in &transports {
-        lock(transport).resume();
+impl Staged {
+    /// Phase three of a build (steps 7-8): `state` (whose machine must be the one the VM
+    /// was built for) written into the launched VM, its TAP queues back in their TAPs; its
+    /// vCPUs stay paused until [`Launched::resume`].
+    pub(crate) fn finish(self, state: VmState) -> Result<Launched, VmmError> {
+        let Staged { launched, taps } = self;
+        let vm = launched.vm();
+        let machine = &vm.config;
+        let mismatch = |reason: String| VmmError::StateMismatch { reason };
+        if state.machine != *machine {
+            return Err(mismatch(format!(
+                "the state is of machine {:?}, the VM was built for {machine:?}",
+                state.machine
+            )));
+        }
+        if state.devices.virtio.len() != vm.transports.len() {
+            return Err(mismatch(format!(
+                "{} virtio transport states for {} devices",
+                state.devices.virtio.len(),
+                vm.transports.len()
+            )));
+        }
+        if state.vcpus.len() != vm.vcpus.len() {
+            return Err(mismatch(format!(
+                "{} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                vm.vcpus.len()
+            )));
+        }
+        let mut laps = Laps::start();
+
+        // 6. Devices as the snapshot left them: the TAP queues back (only now: in a
+        //    handover on one host, an attached queue would take its share of the guest's
+        //    incoming frames during the whole pre-copy), COM1 from its registers, each
+        //    virtio transport with its queues.
+        for tap in &taps {
+            tap.attach().map_err(|e| VmmError::Device {
+                id: "net".into(),
+                reason: e.to_string(),
+            })?;
+        }
+        lock(&vm.serial)
+            .restore_state(&state.devices.serial)
+            .map_err(|e| VmmError::Device {
+                id: "serial".into(),
+                reason: e.to_string(),
+            })?;
+        for (i, (transport, saved)) in vm.transports.iter().zip(&state.devices.virtio).enumerate() {
+            lock(transport)
+                .restore_state(saved)
+                .map_err(|e| VmmError::Device {
+                    id: format!("virtio-mmio@{:#x}", vm::virtio_slot(i).base),
+                    reason: e.to_string(),
+                })?;
+        }
+        laps.lap("devices");
+
+        // 7. The VM-wide state (the vCPUs, and so their LAPICs, exist since step 5), then
+        //    each vCPU's state, written by its own thread.
+        state::restore_vm(&vm.fd, &state.vm).map_err(VmmError::from)?;
+        laps.lap("VM state");
+        for (vcpu, saved) in vm.vcpus.iter().zip(state.vcpus) {
+            vcpu.restore(saved).map_err(|e| VmmError::VcpuFailed {
+                index: vcpu.index(),
+                reason: e.to_string(),
+            })?;
+        }
+        laps.lap("vCPU state");
+
+        // 8. Queues, and interrupts the guest has not seen. Only now: an edge raised before
+        //    the IOAPIC and LAPICs were restored in step 7 was overwritten with them.
+        for transport in &vm.transports {
+            lock(transport).resume();
+        }
+        laps.lap("resume queues");
+        tracing::info!("VM build, phase three: {laps}");
+        Ok(launched)
     }
-    laps.lap("resume queues");
-    tracing::info!("VM build, phase two: {laps}");
-    let drive_paths = state
-        .machine
-        .drives
-        .iter()
-        .map(|d| dir.join(&d.file))
-        .collect();
-    let built = Built {
-        name: state.machine.name.clone(),
-        spec_json,
-        config: state.machine,
-        drive_paths,
-        kvm,
-        vm,
-        mem,
-        platform,
-        transports,
-        disk_dirty,
-        vcpu_fds,
-    };
-    Ok(built)
 }

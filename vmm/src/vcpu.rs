@@ -18,7 +18,8 @@
 //!    `KVM_RUN`), so a vCPU paused there would be saved mid-instruction.
 //! 3. Paused, it calls `KVM_KVMCLOCK_CTRL` (the guest then does not take the pause for a
 //!    soft lockup), acknowledges, and blocks on its command channel: `Save` reads its
-//!    state, `Resume` acknowledges and re-enters `KVM_RUN`.
+//!    state, `Restore` writes one (a VM launched before its state was known),
+//!    `Resume` acknowledges and re-enters `KVM_RUN`.
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -69,7 +70,7 @@ pub enum VcpuError {
         index: u32,
     },
     /// A command arrived in the wrong state.
-    #[error("vCPU {index} must be paused to {what}")]
+    #[error("vCPU {index} must be paused (and not stopped) to {what}")]
     NotPaused {
         /// vCPU index.
         index: u32,
@@ -92,6 +93,8 @@ enum Command {
     /// [`THROTTLE_SLICE`].
     Throttle(u32),
     Save(Sender<Result<VcpuState, VcpuError>>),
+    /// Write this state into the vCPU (a VM built before its state was known).
+    Restore(Box<VcpuState>, Sender<Result<(), VcpuError>>),
 }
 
 /// What a vCPU thread acknowledges.
@@ -239,6 +242,19 @@ impl VcpuHandle {
     }
 }
 
+impl VcpuHandle {
+    /// Writes `state` into a paused vCPU (by its own thread, as KVM prefers vCPU ioctls)
+    /// and waits until it is in: for a VM launched paused before its state was known.
+    pub fn restore(&self, state: VcpuState) -> Result<(), VcpuError> {
+        let index = self.index;
+        let (tx, rx) = channel();
+        self.commands
+            .send(Command::Restore(Box::new(state), tx))
+            .map_err(|_| VcpuError::Gone { index })?;
+        rx.recv().map_err(|_| VcpuError::Gone { index })?
+    }
+}
+
 /// A vCPU state being read by the vCPU's thread ([`VcpuHandle::start_save`]).
 pub struct PendingSave {
     index: u32,
@@ -284,13 +300,7 @@ pub fn spawn(
                 throttle: 0,
                 timer: None,
             };
-            // A thread spawned paused belongs to a migration's destination, whose
-            // process rehearsed the save path on the fresh vCPUs before the source's guest
-            // paused (`checkpoint::Prebuilt::rehearse`). Rehearsing here as well would
-            // run inside that pause, competing for the CPU with the hand-over.
-            if !paused {
-                vcpu.rehearse_save();
-            }
+            vcpu.rehearse_save();
             vcpu.serve_commands();
             let event = vcpu.run();
             // The receiver lives as long as the VMM thread's loop; if it is gone the
@@ -459,7 +469,15 @@ impl Thread {
                     what: "save its state",
                 }));
             }
+            Command::Restore(_, reply) => self.refuse_restore(reply),
         }
+    }
+
+    fn refuse_restore(&self, reply: Sender<Result<(), VcpuError>>) {
+        let _ = reply.send(Err(VcpuError::NotPaused {
+            index: self.index,
+            what: "restore its state",
+        }));
     }
 
     /// Saves this vCPU's state once, before the guest first runs here, and drops it. The
@@ -468,7 +486,8 @@ impl Thread {
     /// and in KVM alike: without this the first save would pay inside the guest's pause,
     /// a migration's stop-and-copy or a snapshot's. Measured in the test rig, whose L2
     /// runs under TCG: about 15 ms of a first save's 18. A failure only costs that gain.
-    /// A thread spawned paused does not (see `spawn`).
+    /// A migration's destination spawns its vCPU threads when the Hello arrives, long
+    /// before the guest's pause.
     fn rehearse_save(&mut self) {
         let start = Instant::now();
         match state::save_vcpu(&self.fd, self.index, &self.links.msr_index) {
@@ -504,6 +523,10 @@ impl Thread {
                     let saved = state::save_vcpu(&self.fd, self.index, &self.links.msr_index);
                     let _ = reply.send(saved.map_err(VcpuError::from));
                 }
+                Ok(Command::Restore(saved, reply)) => {
+                    let done = state::restore_vcpu(&self.fd, self.index, &saved);
+                    let _ = reply.send(done.map_err(VcpuError::from));
+                }
                 // The VMM thread is gone: the process is ending.
                 Err(_) => loop {
                     std::thread::park();
@@ -527,6 +550,7 @@ impl Thread {
                     let saved = state::save_vcpu(&self.fd, self.index, &self.links.msr_index);
                     let _ = reply.send(saved.map_err(VcpuError::from));
                 }
+                Ok(Command::Restore(_, reply)) => self.refuse_restore(reply),
                 Err(_) => loop {
                     std::thread::park();
                 },

@@ -413,12 +413,9 @@ fn clone_fd(e: &EventFd) -> Result<EventFd, VmmError> {
     })
 }
 
-/// Step 5a: COM1 (fresh, or as a snapshot left it), the i8042 reset line, the ACPI power
+/// Step 5a: COM1, the i8042 reset line, the ACPI power
 /// port.
-pub(crate) fn platform(
-    vm: &kvm_ioctls::VmFd,
-    serial_state: Option<&snapshot::SerialState>,
-) -> Result<Platform, VmmError> {
+pub(crate) fn platform(vm: &kvm_ioctls::VmFd) -> Result<Platform, VmmError> {
     let poweroff = eventfd("power-off event")?;
     let reset = eventfd("reset event")?;
     let mut pio = Bus::default();
@@ -426,16 +423,7 @@ pub(crate) fn platform(
     vm.register_irqfd(&serial_irq, COM1_GSI)
         .map_err(kvm_err("KVM_IRQFD for COM1"))?;
     let out = SerialOutput(Box::new(io::stdout()));
-    let console = match serial_state {
-        None => SerialConsole::new(serial_irq, out),
-        Some(state) => {
-            SerialConsole::restore(serial_irq, out, state).map_err(|e| VmmError::Device {
-                id: "serial".into(),
-                reason: e.to_string(),
-            })?
-        }
-    };
-    let serial = Arc::new(Mutex::new(console));
+    let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
     pio.insert(u64::from(COM1_PORT), 8, serial.clone())?;
     pio.insert(
         u64::from(I8042_PORT),
@@ -526,7 +514,7 @@ pub fn run(spec: &Spec, files: &BootFiles, options: &RunOptions) -> Result<Outco
     memory::register_with_kvm(&vm, &mem)?;
 
     // 5. Devices.
-    let mut platform = platform(&vm, None)?;
+    let mut platform = platform(&vm)?;
     let mut machine = AcpiMachine {
         vcpus: spec.vcpus,
         virtio: Vec::new(),
@@ -645,10 +633,12 @@ pub(crate) struct Launched {
 
 /// Sets up everything `built` needs to run (event loop, signal handling, vCPU threads)
 /// and starts its vCPUs, or with `paused` leaves each thread stopped before its first
-/// `KVM_RUN` until [`Launched::resume`]. A destination launches paused before it says
-/// Ready, so that whatever can fail fails while the source can still resume, and
-/// Commit only has to let the vCPUs go. Dropping a paused `Launched` never runs the
-/// guest: its vCPU threads park for good once their command channel is gone.
+/// `KVM_RUN` until [`Launched::resume`]. A restore, and a migration's destination as
+/// soon as the Hello arrives, launch paused before the state is known
+/// (`checkpoint::Prebuilt::launch_paused`): the state is then written into the launched
+/// VM, so whatever can fail fails while the source can still resume, and Commit only has
+/// to let the vCPUs go. Dropping a paused `Launched` never runs the guest: its vCPU
+/// threads park for good once their command channel is gone.
 pub(crate) fn launch(
     built: Built,
     api: Option<(ApiServer, ApiChannel)>,
@@ -782,6 +772,11 @@ pub(crate) fn launch(
 }
 
 impl Launched {
+    /// The VM.
+    pub(crate) fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
     /// Lets the vCPUs of a VM launched paused run.
     pub(crate) fn resume(&self) -> Result<(), VmmError> {
         for vcpu in &self.vm.vcpus {

@@ -29,6 +29,13 @@ pub enum SerialError {
         /// What vm-superio reported.
         reason: String,
     },
+    /// The interrupt's eventfd could not be duplicated for the restored UART.
+    #[error("cannot duplicate the serial interrupt's eventfd: {source}")]
+    Duplicate {
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Re-raising the pending interrupt failed.
     #[error("raising the restored serial interrupt failed: {source}")]
     Interrupt {
@@ -130,6 +137,17 @@ impl SerialConsole {
         out: SerialOutput,
         state: &snapshot::SerialState,
     ) -> Result<SerialConsole, SerialError> {
+        let mut console = SerialConsole::new(irq, out);
+        console.restore_state(state)?;
+        Ok(console)
+    }
+
+    /// Continues this UART from `state`, as [`SerialConsole::restore`] does, keeping its
+    /// interrupt line and its output: for a console already on its bus before the state
+    /// is known (a VM built ahead of its state, as a migration's destination builds it),
+    /// which the guest has not touched. After an error its output is gone and it must not
+    /// be used.
+    pub fn restore_state(&mut self, state: &snapshot::SerialState) -> Result<(), SerialError> {
         let len = state.in_buffer.len();
         if len > SERIAL_FIFO_SIZE {
             return Err(SerialError::InputTooLong { len });
@@ -146,6 +164,13 @@ impl SerialConsole {
             scratch: state.scratch,
             in_buffer: state.in_buffer.clone(),
         };
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .irq
+            .try_clone()
+            .map_err(|source| SerialError::Duplicate { source })?;
+        let out = std::mem::replace(self.uart.writer_mut(), SerialOutput(Box::new(io::sink())));
         let trigger = EventFdTrigger::new(irq);
         trigger.muted.store(true, Ordering::Relaxed);
         let uart = Serial::from_state(&saved, trigger, vm_superio::serial::NoEvents, out).map_err(
@@ -160,7 +185,8 @@ impl SerialConsole {
                 .raise()
                 .map_err(|source| SerialError::Interrupt { source })?;
         }
-        Ok(SerialConsole { uart })
+        self.uart = uart;
+        Ok(())
     }
 
     /// How many bytes of host input the receive FIFO can take now.

@@ -33,7 +33,7 @@ use crate::GuestMemoryMmap;
 
 pub use block::{set_bits, Block, BlockConfig, BlockError, CacheMode, DiskDirty, DIRTY_BLOCK_SIZE};
 pub use mmio::{MmioError, MmioTransport, RestoreError};
-pub use net::{mac_from_name, Net, NetConfig, NetError};
+pub use net::{mac_from_name, Net, NetConfig, NetError, TapQueue};
 
 /// Feature bit: the device follows virtio 1.x (no legacy interface).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

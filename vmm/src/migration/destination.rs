@@ -9,17 +9,18 @@
 //! 3. On the Hello: the memory layout must be the one this hospes builds for that much
 //!    RAM, and every drive image must be new in the receive directory. Guest memory (fresh,
 //!    zeroed) and sparse drive images of the announced sizes are made, and the VM is
-//!    built as far as its configuration alone allows (`checkpoint::prebuild`: the KVM VM,
-//!    memory registered, drive images open, vCPUs created), so that the source's pause
-//!    does not wait for it. What phase two will run on the state is rehearsed on the
-//!    fresh VM's own (`Prebuilt::rehearse`), so that it does not run for the first time
-//!    inside the guest's pause; then HelloAck. Whatever fails here refuses the Hello.
+//!    built as far as its configuration alone allows, so that the source's pause does not
+//!    wait for it: `checkpoint::prebuild` (the KVM VM, memory registered, drive images
+//!    open, vCPUs created), then `Prebuilt::launch_paused` (devices attached fresh, TAP
+//!    queues detached, event loop, vCPU threads stopped before their first `KVM_RUN`).
+//!    What phase three will run on the state is rehearsed in between on the fresh VM's own
+//!    (`Prebuilt::rehearse`), so that it does not run for the first time inside the
+//!    guest's pause; then HelloAck. Whatever fails here refuses the Hello.
 //! 4. Pages and blocks are written as they arrive (the `Receiver` has checked each one),
 //!    into the memory KVM already maps (no vCPU runs) and the drive images.
-//! 5. On Done (the hash matched): the build is finished from the State frame
-//!    (`checkpoint::finish_build`: devices, TAPs, VM and vCPU state, queues) and launched
-//!    with its vCPU threads paused before their first `KVM_RUN` (`vm::launch`: event
-//!    loop, signal handling, vCPU threads). If either fails the source is told to resume
+//! 5. On Done (the hash matched): the state from the State frame is written into the
+//!    launched VM (`Staged::finish`: TAP queues attached, devices, VM and vCPU state,
+//!    queues), its vCPUs still paused. If that fails the source is told to resume
 //!    (Abort).
 //! 6. Ready goes back, and the source answers Commit once it has stopped for good.
 //! 7. Commit: the vCPUs are let go, and only then does our stream end, which is the
@@ -44,7 +45,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::stream::{runtime, StreamReader, StreamWriter};
 use super::MigrationError;
-use crate::api::ApiServer;
+use crate::api::{ApiChannel, ApiServer};
 use crate::checkpoint;
 use crate::laps::Laps;
 use crate::layout::ram_ranges;
@@ -72,21 +73,21 @@ pub struct ReceiveOptions {
 /// Where received pages and blocks go.
 struct Target {
     mem: Option<devices::GuestMemoryMmap>,
-    /// The VM built from the Hello, waiting for its state.
-    prebuilt: Option<checkpoint::Prebuilt>,
+    /// The VM built and launched paused from the Hello, waiting for its state.
+    staged: Option<checkpoint::Staged>,
+    /// The control API, until the VM's event loop takes it.
+    api: Option<(ApiServer, ApiChannel)>,
     disks: Vec<File>,
     /// Drive images made here, deleted unless the VM runs.
     made: Vec<PathBuf>,
     /// Where the VM comes from.
     from: SocketAddr,
-    /// What the API reports as the VM's spec, made from the Hello.
-    spec_json: serde_json::Value,
 }
 
 impl Target {
     fn discard(&mut self) {
         // The VM never ran: closing its file descriptors is all there is to it.
-        self.prebuilt = None;
+        self.staged = None;
         self.disks.clear();
         for path in self.made.drain(..) {
             if let Err(e) = std::fs::remove_file(&path) {
@@ -163,11 +164,11 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
     let mut receiver = Receiver::new();
     let mut target = Target {
         mem: None,
-        prebuilt: None,
+        staged: None,
+        api,
         disks: Vec::new(),
         made: Vec::new(),
         from: conn.remote_address(),
-        spec_json: serde_json::Value::Null,
     };
 
     // 3-4.
@@ -193,21 +194,18 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
     target.mem = None;
     target.disks.clear();
     laps.lap("close the stream's handles");
-    let launched = match target.prebuilt.take() {
-        Some(prebuilt) => checkpoint::check_layout(&options.dir, &state).and_then(|()| {
+    let launched = match target.staged.take() {
+        Some(staged) => checkpoint::check_layout(&options.dir, &state).and_then(|()| {
             laps.lap("check the layout");
-            let spec_json = std::mem::take(&mut target.spec_json);
-            let built = checkpoint::finish_build(prebuilt, *state, spec_json)?;
-            laps.lap("phase two");
-            let launched = vm::launch(built, api, true);
-            laps.lap("launch, paused");
+            let launched = staged.finish(*state);
+            laps.lap("phase three");
             launched
         }),
         None => Err(MigrationError::Unacceptable("the stream ended without a Hello".into()).into()),
     };
     let launched = match launched {
         Ok(launched) => {
-            tracing::info!("Done to VM launched: {laps}");
+            tracing::info!("Done to VM ready: {laps}");
             launched
         }
         Err(e) => {
@@ -377,16 +375,18 @@ fn prepare(
     }
     // The VM as far as the configuration alone builds it; the pages go into the memory
     // it maps from now on.
-    let prebuilt = checkpoint::prebuild(&config.machine, mem.clone(), dir)
-        .map_err(|e| format!("cannot build this VM here: {e}"))?;
+    let cannot = |e: VmmError| format!("cannot build this VM here: {e}");
+    let prebuilt = checkpoint::prebuild(&config.machine, mem.clone(), dir).map_err(cannot)?;
     prebuilt.rehearse();
-    // The State's machine must be this one (`finish_build` checks): its spec is made now
-    // rather than inside the guest's pause.
-    target.spec_json = serde_json::json!({
+    // The State's machine must be this one (`Staged::finish` checks).
+    let spec_json = serde_json::json!({
         "migrated_from": target.from.to_string(),
         "machine": config.machine,
     });
-    target.prebuilt = Some(prebuilt);
+    let staged = prebuilt
+        .launch_paused(spec_json, target.api.take())
+        .map_err(cannot)?;
+    target.staged = Some(staged);
     target.mem = Some(mem);
     Ok(())
 }

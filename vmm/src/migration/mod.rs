@@ -38,9 +38,9 @@
 //!    migration thread takes the last dirty blocks (block I/O completes on the VMM thread,
 //!    so none is in flight), sends the pending and last pages and blocks as the final
 //!    round, then the state once it has it, and Done with the hash of every frame.
-//! 6. The destination checks the hash, finishes building the VM exactly as a restore
-//!    does (it built what the configuration alone decides when the Hello arrived),
-//!    launches it with its vCPUs paused, and answers Ready.
+//! 6. The destination checks the hash, writes the state into the VM exactly as a restore
+//!    does (it built and launched the VM, vCPUs paused, when the Hello arrived: only the
+//!    state is left for the pause), and answers Ready.
 //! 7. On Ready the source commits: from here on it never resumes its copy. It sends
 //!    Commit, finishes the stream and waits until QUIC reports every byte of it
 //!    acknowledged by the destination, or until the destination ends its own stream,

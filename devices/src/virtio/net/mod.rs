@@ -20,6 +20,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
 
 use self::tap::Tap;
+pub use self::tap::TapQueue;
 use super::{
     chain, process_batch, read_config_bytes, warn_limited, DeviceContext, DeviceError,
     VirtioDevice, WarnLimiter, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -81,6 +82,17 @@ pub enum NetError {
     VnetHeader {
         /// The interface.
         name: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TUNSETQUEUE, or the descriptor for it, failed.
+    #[error("cannot {what} the queue of TAP {name}: {source}")]
+    Queue {
+        /// The interface.
+        name: String,
+        /// "detach", "attach" or "duplicate".
+        what: &'static str,
         /// The OS error.
         #[source]
         source: std::io::Error,
@@ -168,6 +180,16 @@ impl Net {
     /// The TAP interface name.
     pub fn tap_name(&self) -> &str {
         self.tap.name()
+    }
+
+    /// A handle to take this device's TAP queue out of the TAP and put it back, usable
+    /// once the device sits behind its transport.
+    pub fn tap_queue(&self) -> Result<TapQueue, NetError> {
+        self.tap.queue().map_err(|source| NetError::Queue {
+            name: self.tap.name().to_owned(),
+            what: "duplicate",
+            source,
+        })
     }
 
     fn has_feature(&self, bit: u32) -> bool {

@@ -102,6 +102,14 @@ impl Tap {
         Ok(())
     }
 
+    /// A second descriptor on this TAP queue (the same open file), for [`TapQueue`].
+    pub(super) fn queue(&self) -> io::Result<TapQueue> {
+        Ok(TapQueue {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
     /// The interface name.
     pub(super) fn name(&self) -> &str {
         &self.name
@@ -124,6 +132,55 @@ impl Tap {
         } else {
             Ok(done as usize)
         }
+    }
+}
+
+/// A handle on a device's TAP queue that can take it out of the TAP's queue set and put
+/// it back (TUNSETQUEUE), so that a VM built ahead of its start (a migration's
+/// destination) holds its TAP without receiving the frames meant for the VM still running
+/// elsewhere on the same TAP. The kernel hands a multi-queue TAP's frames only to
+/// attached queues.
+#[derive(Debug)]
+pub struct TapQueue {
+    file: File,
+    name: String,
+}
+
+impl TapQueue {
+    /// Takes the queue out of the TAP's set: it receives nothing until [`TapQueue::attach`].
+    /// `Ok(false)` for a single-queue TAP, which cannot detach (Linux says EINVAL) and so
+    /// stays attached: no other process can hold such a TAP anyway.
+    pub fn detach(&self) -> Result<bool, NetError> {
+        match self.set(libc::IFF_DETACH_QUEUE) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(source) => Err(NetError::Queue {
+                name: self.name.clone(),
+                what: "detach",
+                source,
+            }),
+        }
+    }
+
+    /// Puts a detached queue back into the TAP's set.
+    pub fn attach(&self) -> Result<(), NetError> {
+        self.set(libc::IFF_ATTACH_QUEUE)
+            .map_err(|source| NetError::Queue {
+                name: self.name.clone(),
+                what: "attach",
+                source,
+            })
+    }
+
+    fn set(&self, flags: libc::c_int) -> io::Result<()> {
+        // SAFETY: all-zero is a valid `ifreq`; TUNSETQUEUE reads only its flags.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        ifr.ifr_ifru.ifru_flags = flags as i16;
+        // SAFETY: TUNSETQUEUE reads one `ifreq`, which outlives the call.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETQUEUE, &ifr) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 

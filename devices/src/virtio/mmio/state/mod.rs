@@ -210,7 +210,17 @@ impl MmioTransport {
         irq: EventFd,
         state: &VirtioTransportState,
     ) -> Result<MmioTransport, MmioError> {
-        let device_type = device.device_type();
+        let mut transport = MmioTransport::new(mem, device, irq)?;
+        transport.restore_state(state)?;
+        Ok(transport)
+    }
+
+    /// Continues this transport from `state`, as [`MmioTransport::restore`] does: for a
+    /// transport made with [`MmioTransport::new`] that the guest has not touched, already
+    /// on its bus and in its event loop (a VM built ahead of its state, as a migration's
+    /// destination builds it). After an error the transport must not be used.
+    pub fn restore_state(&mut self, state: &VirtioTransportState) -> Result<(), MmioError> {
+        let device_type = self.device.device_type();
         if state.device_type != device_type {
             return Err(RestoreError::DeviceType {
                 device_type,
@@ -218,7 +228,7 @@ impl MmioTransport {
             }
             .into());
         }
-        let expected = device.queue_max_sizes().len();
+        let expected = self.device.queue_max_sizes().len();
         if state.queues.len() != expected {
             return Err(RestoreError::QueueCount {
                 device_type,
@@ -227,7 +237,7 @@ impl MmioTransport {
             }
             .into());
         }
-        let mut transport = MmioTransport::new(mem, device, irq)?;
+        let transport = self;
         transport.check_status(state)?;
         let negotiated_event_idx = state
             .activated
@@ -249,7 +259,7 @@ impl MmioTransport {
         if state.activated {
             transport.reactivate()?;
         }
-        Ok(transport)
+        Ok(())
     }
 
     /// Checks that the status bits agree with each other and with the rest of `state`, by
