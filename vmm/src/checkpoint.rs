@@ -478,7 +478,7 @@ impl Prebuilt {
             let net = Net::new(config).map_err(device_err)?;
             let queue = net.tap_queue().map_err(device_err)?;
             if queue.detach().map_err(device_err)? {
-                taps.push(queue);
+                taps.push((n.id.clone(), queue));
             }
             devices.push(Box::new(net));
         }
@@ -520,8 +520,9 @@ impl Prebuilt {
 /// it discards the VM, which never ran.
 pub(crate) struct Staged {
     launched: Launched,
-    /// The TAP queues taken out of their TAPs, put back by [`Staged::finish`].
-    taps: Vec<virtio::TapQueue>,
+    /// The TAP queues taken out of their TAPs (with their interface's id), put back by
+    /// [`Staged::finish`].
+    taps: Vec<(String, virtio::TapQueue)>,
 }
 
 impl Staged {
@@ -559,9 +560,9 @@ impl Staged {
         //    handover on one host, an attached queue would take its share of the guest's
         //    incoming frames during the whole pre-copy), COM1 from its registers, each
         //    virtio transport with its queues.
-        for tap in &taps {
+        for (id, tap) in &taps {
             tap.attach().map_err(|e| VmmError::Device {
-                id: "net".into(),
+                id: id.clone(),
                 reason: e.to_string(),
             })?;
         }
