@@ -337,9 +337,11 @@ pub fn read_frame(input: &mut impl Read, payload: &mut Vec<u8>) -> Result<Header
     Ok(header)
 }
 
-/// Encodes `frame` for protocol `version` and writes it whole.
+/// Encodes `frame` for protocol `version`, writes it whole and flushes `out`: the peer
+/// answers or acts on every frame sent this way, so none may wait in a buffer.
 pub fn write_frame(out: &mut impl Write, version: u16, frame: &Frame<'_>) -> Result<(), WireError> {
     out.write_all(&frame.encode_as(version)?)?;
+    out.flush()?;
     Ok(())
 }
 

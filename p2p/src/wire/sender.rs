@@ -1,6 +1,11 @@
 //! The source's state machine: checks what the caller hands it against the configuration
 //! it announced, batches pages and blocks into frames of at most [`MAX_PAYLOAD`] bytes, and
 //! keeps the hash the Done frame carries. States: see [`super`].
+//!
+//! `out` may buffer: the Sender flushes it after each frame the destination answers or
+//! acts on (Hello, Done, Commit, Abort). Not after RoundEnd, so that the last round, the
+//! State and Done of a paused guest leave together: the caller flushes before it waits
+//! for a round's RoundApplied ([`Sender::wait_applied`]).
 
 use std::io::{Read, Write};
 
@@ -137,7 +142,10 @@ impl Sender {
             max_version: PROTOCOL_VERSION,
             config: self.config.clone(),
         });
-        self.guard(|s| s.send(out, &frame))?;
+        self.guard(|s| {
+            s.send(out, &frame)?;
+            out.flush().map_err(WireError::from)
+        })?;
         self.phase = SenderPhase::AwaitAck;
         Ok(())
     }
@@ -252,7 +260,8 @@ impl Sender {
         })
     }
 
-    /// Sends what is queued and the round's RoundEnd; the next round starts.
+    /// Writes what is queued and the round's RoundEnd, without flushing `out`; the next
+    /// round starts.
     pub fn end_round(&mut self, out: &mut impl Write) -> Result<RoundStats, WireError> {
         self.guard(|s| {
             let round = s.precopy("end_round() outside pre-copy")?;
@@ -280,8 +289,8 @@ impl Sender {
     }
 
     /// Waits until the destination has written every page and block of `round` (its
-    /// RoundApplied), which must have ended. A version 1 destination does not say: then
-    /// this returns at once.
+    /// RoundApplied), which must have ended and been flushed. A version 1 destination
+    /// does not say: then this returns at once.
     pub fn wait_applied(&mut self, input: &mut impl Read, round: u32) -> Result<(), WireError> {
         let current = self.precopy("wait_applied() outside pre-copy")?;
         if round >= current {

@@ -37,7 +37,11 @@
 //!    until the migration ends, so no device touches guest memory or disks any more. The
 //!    migration thread takes the last dirty blocks (block I/O completes on the VMM thread,
 //!    so none is in flight), sends the pending and last pages and blocks as the final
-//!    round, then the state once it has it, and Done with the hash of every frame.
+//!    round, then the state once it has it, and Done with the hash of every frame. These
+//!    go to QUIC together when Done flushes the stream (`stream::StreamWriter` queues
+//!    writes until a frame the peer answers): measured in the test rig, one hand-over
+//!    instead of one per frame part cut the QUIC threads' CPU time in the pause, on both
+//!    sides together, from about 24 ms to about 8.
 //! 6. The destination checks the hash, writes the state into the VM exactly as a restore
 //!    does (it built and launched the VM, vCPUs paused, when the Hello arrived: only the
 //!    state is left for the pause), and answers Ready.

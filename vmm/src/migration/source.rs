@@ -3,6 +3,7 @@
 //! (the order is in the parent module).
 
 use std::fs::File;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, channel, Receiver};
@@ -459,6 +460,7 @@ impl Source {
                     ahead.skipped
                 );
             }
+            out.flush().map_err(p2p::wire::WireError::from)?;
             sender.wait_applied(input, last)?;
             while queued(out) as f64 > bandwidth() * budget.as_secs_f64() / 2.0
                 && waiting.elapsed() < DRAIN_WAIT

@@ -30,15 +30,24 @@ fn describe(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The sending half, counting what it wrote.
+/// Queued writes go to QUIC once this many bytes wait, or on `flush`.
+const SEND_AT: usize = 64 << 10;
+
+/// The sending half, counting what it wrote. Writes are queued here and handed to QUIC
+/// together (`flush`, which the wire protocol calls after each frame the peer answers,
+/// or once [`SEND_AT`] bytes wait): a paused guest's last frames (the last round, State,
+/// Done) then leave in one hand-over, so the one CPU of a loaded host wakes the
+/// connection's thread once for them rather than once per frame part.
 pub(crate) struct StreamWriter {
     pub(crate) rt: Handle,
     pub(crate) stream: quinn::SendStream,
-    /// Bytes written so far.
+    /// Bytes written so far, queued here or not.
     pub(crate) bytes: u64,
     /// Test hook (`HOSPES_FAULT=corrupt-frame`): flip one byte in the next write of a
     /// frame payload, after its CRC was computed, as a corrupting network or peer would.
     pub(crate) corrupt: bool,
+    /// Written, not yet handed to QUIC.
+    queued: Vec<u8>,
 }
 
 impl StreamWriter {
@@ -48,7 +57,25 @@ impl StreamWriter {
             stream,
             bytes: 0,
             corrupt: false,
+            queued: Vec::new(),
         }
+    }
+
+    /// Hands what is queued to QUIC (without copying it), as the stream's send window
+    /// makes room; each wait for room is bounded by [`IO_TIMEOUT`].
+    fn send_queued(&mut self) -> io::Result<()> {
+        let mut chunk = [bytes::Bytes::from(std::mem::take(&mut self.queued))];
+        while !chunk[0].is_empty() {
+            let stream = &mut self.stream;
+            let chunks = &mut chunk;
+            self.rt
+                .block_on(async {
+                    tokio::time::timeout(IO_TIMEOUT, stream.write_chunks(chunks)).await
+                })
+                .map_err(|_| timed_out(IO_TIMEOUT))?
+                .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, describe(&e)))?;
+        }
+        Ok(())
     }
 
     /// Ends the stream and waits until the peer has received every byte of it: until its
@@ -68,6 +95,7 @@ impl StreamWriter {
         wait: Duration,
         resume_wait: Duration,
     ) -> Result<bool, String> {
+        self.send_queued().map_err(|e| e.to_string())?;
         self.stream.finish().map_err(|e| e.to_string())?;
         let (stream, recv) = (&mut self.stream, &mut input.stream);
         let peer_finished = async {
@@ -120,18 +148,16 @@ impl Write for StreamWriter {
         } else {
             buf
         };
-        let stream = &mut self.stream;
-        let n = self
-            .rt
-            .block_on(async { tokio::time::timeout(IO_TIMEOUT, stream.write(buf)).await })
-            .map_err(|_| timed_out(IO_TIMEOUT))?
-            .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, describe(&e)))?;
-        self.bytes += n as u64;
-        Ok(n)
+        self.queued.extend_from_slice(buf);
+        self.bytes += buf.len() as u64;
+        if self.queued.len() >= SEND_AT {
+            self.send_queued()?;
+        }
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.send_queued()
     }
 }
 
