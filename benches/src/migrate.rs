@@ -20,16 +20,17 @@
 //! Each run: boot the source, wait for the workload to be under way, start the
 //! destination, migrate with the downtime budget, check that the guest prints on the
 //! destination. Figures:
-//! - hospes: `total_ms`, `downtime_ms` (source pause to the destination's acknowledgement
-//!   that it runs, as the source sees it), `bytes`, `rounds` (final round included), `blocks` × 4 KiB as the
+//! - hospes: `total_ms`, `downtime_ms` (source pause to the destination's resume: the end
+//!   of its stream as the source sees it less how long its guest had run when it was
+//!   sent, an upper bound), `bytes`, `rounds` (final round included), `blocks` × 4 KiB as the
 //!   disk's share, from `hospes migrate` (its `--json` object when the binary has the
 //!   flag, else its one-line summary); non-zero memory: `memory_bytes` of a snapshot of
 //!   the destination taken right after (`hospes ctl ... snapshot DIR --then stop`);
 //!   and the pause to the resume on one clock: source and destination run in the same
 //!   L2, so the source's pause (the time of its stop-and-copy log line less the total
-//!   it gives) and the destination's `VM running` line share a clock. The acknowledgement
-//!   reaches the source only after the resumed guest, the destination and the source's
-//!   own threads have had the CPU: `downtime_ms` is an upper bound, this is the figure;
+//!   it gives) and the destination's `VM running` line share a clock. That line comes
+//!   once every vCPU thread has answered the resume, after the guest runs; on the rig's
+//!   one CPU the guest may keep it for ms first, so this can exceed `downtime_ms`;
 //! - QEMU: `total time`, `downtime` (QEMU's own: source stop to the end of the stream
 //!   on the source, the destination's load and start excluded), `transferred ram` +
 //!   `transferred disk`, `dirty sync count` as rounds and `normal bytes` (non-zero pages
@@ -349,9 +350,12 @@ impl MigrateReport {
         }
         s.push_str(
             "\nhospes: total and downtime from `hospes migrate` (downtime: source pause to the \
-             destination's acknowledgement that the guest runs, as the source sees it); pause \
+             destination's resume, an upper bound: the end of the destination's stream as the \
+             source sees it, less how long the guest had run there when it was sent); pause \
              to resume on one clock: the source's pause to the destination's `VM running`, \
-             from their logs (both run in the same L2); rounds include the final \
+             from their logs (both run in the same L2; that line comes once every vCPU thread \
+             has answered the resume, which on the rig's one CPU can be ms after the guest \
+             runs); rounds include the final \
              stop-and-copy round; non-zero memory is `memory_bytes` of a snapshot of the \
              destination taken right after the migration. QEMU: `info migrate`'s total time, \
              downtime (source side only: the destination's load and start are not in it), \

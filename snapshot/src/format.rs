@@ -1,5 +1,14 @@
 //! The encoding of a [`crate::VmState`]: a fixed header outside the payload, then the
-//! payload (JSON), checked by CRC and size caps before use.
+//! payload, checked by CRC and size caps before use.
+//!
+//! The payload's form depends on the format version in the header:
+//! - 3, what this build writes: postcard's compact binary form of the serde types, fields
+//!   in declaration order, kvm-bindings' structs as their bytes less trailing zeros (see
+//!   `hex`). A migration decodes the state inside the guest's pause: measured in the
+//!   test rig, encoding a 13.5 KB state as JSON took about 3.7 ms of the source's CPU.
+//! - 2: JSON, kvm-bindings' structs as hex strings. Written only for a peer that reads
+//!   nothing newer ([`encode_as`], a migration to an older hospes).
+//! - 1: JSON, those structs as arrays of byte values. Read, never written.
 //!
 //! Header, 32 bytes, little-endian:
 //!
@@ -24,11 +33,13 @@ use crate::VmState;
 
 /// The file's first bytes.
 pub const MAGIC: [u8; 8] = *b"HOSPESVM";
-/// The format version this build writes. Version 2 writes kvm-bindings' structs as hex
-/// strings (see `hex`); version 1 wrote them as arrays of byte values.
-pub const FORMAT_VERSION: u32 = 2;
-/// The oldest version this build reads: the payload of version 1 differs only in the form
-/// of those structs, which the decoder takes either way.
+/// The format version this build writes: the binary payload (module documentation).
+pub const FORMAT_VERSION: u32 = 3;
+/// The newest version whose payload is JSON, the newest a hospes of migration protocol 2
+/// or older reads; [`encode_as`] still writes it.
+pub const JSON_FORMAT_VERSION: u32 = 2;
+/// The oldest version this build reads: the payload of version 1 differs from version 2's
+/// only in the form of kvm-bindings' structs, which the decoder takes either way.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
@@ -95,12 +106,25 @@ pub enum FormatError {
         /// CRC of the payload as read.
         computed: u32,
     },
-    /// The payload is not a `VmState` (serde_json's message names line and column).
+    /// The JSON payload (versions 1 and 2) is not a `VmState` (serde_json's message names
+    /// line and column).
     #[error("payload is not a valid VM state: {0}")]
     Json(#[source] serde_json::Error),
-    /// The state could not be serialized.
+    /// The binary payload (version 3) is not a `VmState`.
+    #[error("payload is not a valid VM state: {0}")]
+    Binary(#[source] postcard::Error),
+    /// The binary payload holds a whole state and then more.
+    #[error("payload is not a valid VM state: {0} bytes follow the state")]
+    TrailingState(usize),
+    /// The state could not be serialized as JSON.
     #[error("cannot serialize the VM state: {0}")]
     Serialize(#[source] serde_json::Error),
+    /// The state could not be serialized in binary form.
+    #[error("cannot serialize the VM state: {0}")]
+    SerializeBinary(#[source] postcard::Error),
+    /// Asked to write a format version this build does not write.
+    #[error("cannot write format version {0}: this build writes {JSON_FORMAT_VERSION} and {FORMAT_VERSION}")]
+    UnwritableVersion(u32),
     /// A collection or string is over its cap.
     #[error("too many {what}: {count}, at most {cap}")]
     OverCap {
@@ -146,23 +170,35 @@ pub fn rehearse(state: &VmState) -> Result<VmState, FormatError> {
     decode(&encode(state)?)
 }
 
-/// Encodes `state` with its header. Refuses a state that [`decode`] would refuse.
+/// Encodes `state` with its header, in [`FORMAT_VERSION`]. Refuses a state that
+/// [`decode`] would refuse.
 pub fn encode(state: &VmState) -> Result<Vec<u8>, FormatError> {
+    encode_as(state, FORMAT_VERSION)
+}
+
+/// Encodes `state` with its header in format `version`: [`FORMAT_VERSION`], or
+/// [`JSON_FORMAT_VERSION`] for a reader that knows nothing newer. Refuses a state that
+/// [`decode`] would refuse.
+pub fn encode_as(state: &VmState, version: u32) -> Result<Vec<u8>, FormatError> {
     Caps::check(state)?;
-    let payload = serde_json::to_vec(state).map_err(FormatError::Serialize)?;
+    let payload = match version {
+        FORMAT_VERSION => postcard::to_stdvec(state).map_err(FormatError::SerializeBinary)?,
+        JSON_FORMAT_VERSION => serde_json::to_vec(state).map_err(FormatError::Serialize)?,
+        other => return Err(FormatError::UnwritableVersion(other)),
+    };
     if payload.len() as u64 > MAX_PAYLOAD {
         return Err(FormatError::PayloadTooLarge {
             len: payload.len() as u64,
         });
     }
-    Ok(frame(&payload))
+    Ok(frame(version, &payload))
 }
 
-/// Header + payload, with no check of the payload.
-fn frame(payload: &[u8]) -> Vec<u8> {
+/// Header (of format `version`) + payload, with no check of the payload.
+fn frame(version: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
@@ -172,7 +208,8 @@ fn frame(payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Decodes and checks a state written by [`encode`].
+/// Decodes and checks a state written by [`encode`] or [`encode_as`], of any format version
+/// from [`MIN_FORMAT_VERSION`] to [`FORMAT_VERSION`].
 pub fn decode(bytes: &[u8]) -> Result<VmState, FormatError> {
     let Some((header, payload)) = bytes.split_first_chunk::<HEADER_LEN>() else {
         return Err(FormatError::TruncatedHeader(bytes.len()));
@@ -213,7 +250,15 @@ pub fn decode(bytes: &[u8]) -> Result<VmState, FormatError> {
     if stored != computed {
         return Err(FormatError::PayloadCrc { stored, computed });
     }
-    let state: VmState = serde_json::from_slice(payload).map_err(FormatError::Json)?;
+    let state: VmState = if u32_at(8) <= JSON_FORMAT_VERSION {
+        serde_json::from_slice(payload).map_err(FormatError::Json)?
+    } else {
+        let (state, rest) = postcard::take_from_bytes(payload).map_err(FormatError::Binary)?;
+        if !rest.is_empty() {
+            return Err(FormatError::TrailingState(rest.len()));
+        }
+        state
+    };
     Caps::check(&state)?;
     Ok(state)
 }
@@ -497,7 +542,7 @@ pub(crate) mod tests {
 
     /// Encodes without the cap check, as a hostile or buggy writer would.
     fn encode_unchecked(state: &VmState) -> Vec<u8> {
-        frame(&serde_json::to_vec(state).unwrap())
+        frame(FORMAT_VERSION, &postcard::to_stdvec(state).unwrap())
     }
 
     #[test]
@@ -570,7 +615,7 @@ pub(crate) mod tests {
         bad[8] ^= 0x04;
         let err = decode(&bad).unwrap_err();
         assert!(
-            matches!(err, FormatError::UnsupportedVersion { found: 6, .. }),
+            matches!(err, FormatError::UnsupportedVersion { found: 7, .. }),
             "{err}"
         );
 
@@ -601,13 +646,16 @@ pub(crate) mod tests {
         }
         assert!(json["vcpus"][0]["xsave"].is_array());
         let payload = serde_json::to_vec(&json).unwrap();
-        patch_header(frame(&payload), 8, &1u32.to_le_bytes())
+        frame(1, &payload)
     }
 
     #[test]
-    fn reads_format_version_1() {
+    fn reads_format_versions_1_and_2() {
         let state = sample_state();
-        let v2 = encode(&state).unwrap();
+        let v3 = encode(&state).unwrap();
+        let v2 = encode_as(&state, JSON_FORMAT_VERSION).unwrap();
+        assert_eq!(v2[8..12], 2u32.to_le_bytes());
+        assert_eq!(v2[32], b'{', "version 2 is JSON");
         let v1 = encode_v1(&state);
         assert!(
             v1.len() > v2.len() * 3 / 2,
@@ -615,17 +663,62 @@ pub(crate) mod tests {
             v1.len(),
             v2.len()
         );
-        let back = decode(&v1).unwrap();
-        assert_eq!(encode(&back).unwrap(), v2, "the same state either way");
+        for old in [v1, v2] {
+            let back = decode(&old).unwrap();
+            assert_eq!(encode(&back).unwrap(), v3, "the same state either way");
+        }
+    }
+
+    #[test]
+    fn version_3_is_binary_and_compact() {
+        let state = sample_state();
+        let v3 = encode(&state).unwrap();
+        let v2 = encode_as(&state, JSON_FORMAT_VERSION).unwrap();
+        assert_eq!(v3[8..12], 3u32.to_le_bytes());
+        assert!(
+            v3.len() * 2 < v2.len(),
+            "binary: v3 {} bytes, v2 {}",
+            v3.len(),
+            v2.len()
+        );
+        let back = decode(&v3).unwrap();
+        assert_eq!(back.vcpus[1].xsave.region, state.vcpus[1].xsave.region);
+        assert_eq!(back.vcpus[0].cpuid.len(), state.vcpus[0].cpuid.len());
+        let err = encode_as(&state, 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot write format version 1: this build writes 2 and 3"
+        );
+    }
+
+    #[test]
+    fn binary_payload_errors() {
+        let payload = postcard::to_stdvec(&sample_state()).unwrap();
+        let mut longer = payload.clone();
+        longer.extend_from_slice(&[0, 0, 0]);
+        let err = decode(&frame(FORMAT_VERSION, &longer)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "payload is not a valid VM state: 3 bytes follow the state"
+        );
+        let err = decode(&frame(FORMAT_VERSION, &payload[..payload.len() / 2])).unwrap_err();
+        assert!(matches!(err, FormatError::Binary(_)), "{err}");
+        assert!(err
+            .to_string()
+            .starts_with("payload is not a valid VM state: "));
+        // A JSON payload under the binary version's header is not taken for JSON.
+        let json = serde_json::to_vec(&sample_state()).unwrap();
+        let err = decode(&frame(FORMAT_VERSION, &json)).unwrap_err();
+        assert!(matches!(err, FormatError::Binary(_)), "{err}");
     }
 
     #[test]
     fn version_flags_and_length_in_header() {
         let bytes = encode(&sample_state()).unwrap();
-        let err = decode(&patch_header(bytes.clone(), 8, &3u32.to_le_bytes())).unwrap_err();
+        let err = decode(&patch_header(bytes.clone(), 8, &4u32.to_le_bytes())).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unsupported format version 3, this build reads versions 1 to 2"
+            "unsupported format version 4, this build reads versions 1 to 3"
         );
         let err = decode(&patch_header(bytes.clone(), 8, &0u32.to_le_bytes())).unwrap_err();
         assert!(
@@ -641,7 +734,7 @@ pub(crate) mod tests {
 
     #[test]
     fn json_error_names_line_and_column() {
-        let err = decode(&frame(b"{\"machine\": 3}")).unwrap_err();
+        let err = decode(&frame(JSON_FORMAT_VERSION, b"{\"machine\": 3}")).unwrap_err();
         assert!(matches!(err, FormatError::Json(_)), "{err}");
         assert!(err.to_string().contains("line 1 column"), "{err}");
     }

@@ -1,5 +1,7 @@
-//! The compact serde form of kvm-bindings' plain-data structs in a state: one lowercase hex
-//! string of the struct's bytes.
+//! The compact serde form of kvm-bindings' plain-data structs in a state: the struct's
+//! bytes, less trailing zeros, as one lowercase hex string in JSON (format versions 2 and
+//! earlier) or as they are in the binary form (version 3; serde's `is_human_readable`
+//! tells the two apart).
 //!
 //! kvm-bindings serializes its structs as byte strings, which JSON writes as arrays of
 //! numbers: a vCPU's xsave area alone became 4096 numbers, and a whole state 42 KB of
@@ -56,28 +58,40 @@ fn decode(text: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
-/// Accepts a hex string (format 2) or an array of byte values (format 1) and hands the
-/// bytes to `T`'s own deserializer.
-struct HexVisitor<T>(PhantomData<T>);
+/// Accepts a hex string (format 2), an array of byte values (format 1) or, in the binary
+/// form (`.0`), bytes (format 3), and hands the bytes to `T`'s own deserializer.
+struct HexVisitor<T>(bool, PhantomData<T>);
+
+/// `T` from at most `size_of::<T>()` bytes.
+fn from_bytes<T: DeserializeOwned, E: de::Error>(bytes: &[u8]) -> Result<T, E> {
+    if bytes.len() > std::mem::size_of::<T>() {
+        return Err(E::custom(format!(
+            "{} bytes for a {}-byte {}",
+            bytes.len(),
+            std::mem::size_of::<T>(),
+            std::any::type_name::<T>()
+        )));
+    }
+    T::deserialize(BytesDeserializer::<E>::new(bytes))
+}
 
 impl<'de, T: DeserializeOwned> Visitor<'de> for HexVisitor<T> {
     type Value = T;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a hex string or an array of byte values")
+        f.write_str(if self.0 {
+            "the bytes of a kvm-bindings struct"
+        } else {
+            "a hex string or an array of byte values"
+        })
     }
 
     fn visit_str<E: de::Error>(self, text: &str) -> Result<T, E> {
-        let bytes = decode(text).map_err(E::custom)?;
-        if bytes.len() > std::mem::size_of::<T>() {
-            return Err(E::custom(format!(
-                "{} bytes of hex for a {}-byte {}",
-                bytes.len(),
-                std::mem::size_of::<T>(),
-                std::any::type_name::<T>()
-            )));
-        }
-        T::deserialize(BytesDeserializer::<E>::new(&bytes))
+        from_bytes(&decode(text).map_err(E::custom)?)
+    }
+
+    fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<T, E> {
+        from_bytes(bytes)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
@@ -95,14 +109,22 @@ pub fn serialize<T: IntoBytes + Immutable, S: Serializer>(
         .iter()
         .rposition(|&b| b != 0)
         .map_or(0, |last| last + 1);
-    serializer.serialize_str(&encode(&bytes[..used]))
+    if serializer.is_human_readable() {
+        serializer.serialize_str(&encode(&bytes[..used]))
+    } else {
+        serializer.serialize_bytes(&bytes[..used])
+    }
 }
 
 /// See [`serialize`].
 pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<T, D::Error> {
-    deserializer.deserialize_any(HexVisitor(PhantomData))
+    if deserializer.is_human_readable() {
+        deserializer.deserialize_any(HexVisitor(false, PhantomData))
+    } else {
+        deserializer.deserialize_bytes(HexVisitor(true, PhantomData))
+    }
 }
 
 /// One element of a [`vec`] field.
@@ -229,7 +251,7 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("145 bytes of hex for a 144-byte"), "{err}");
+        assert!(err.contains("145 bytes for a 144-byte"), "{err}");
         let number = r#"{"regs":7,"msrs":[]}"#;
         let err = serde_json::from_str::<Holder>(number)
             .err()
@@ -239,5 +261,24 @@ mod tests {
             err.contains("a hex string or an array of byte values"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn binary_form_is_the_bytes() {
+        let holder = sample();
+        let bytes = postcard::to_stdvec(&holder).unwrap();
+        // regs: a length (a two-byte varint) and the bytes up to rflags's, the last
+        // non-zero one.
+        let used = std::mem::offset_of!(kvm_regs, rflags) + 1;
+        assert_eq!(bytes[..2], [0x80 | (used & 0x7f) as u8, (used >> 7) as u8]);
+        assert_eq!(bytes[2..2 + used], holder.regs.as_bytes()[..used]);
+        let back: Holder = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.regs.rip, holder.regs.rip);
+        assert_eq!(back.msrs[1].data, 0xd01);
+        // One byte more than the struct: named, not truncated.
+        let mut long = vec![145, 1];
+        long.extend_from_slice(&[0; 145]);
+        let err = postcard::from_bytes::<Holder>(&long).err().unwrap();
+        assert!(matches!(err, postcard::Error::SerdeDeCustom), "{err}");
     }
 }

@@ -16,7 +16,10 @@ mod state;
 
 pub use dir::{open, DirError, SnapshotWriter, MEMORY_FILE, STATE_FILE};
 pub use disk::{copy_disk, CopyKind, DiskError};
-pub use format::{decode, encode, read_state_file, rehearse, write_state_file, Caps, FormatError};
+pub use format::{
+    decode, encode, encode_as, read_state_file, rehearse, write_state_file, Caps, FormatError,
+    FORMAT_VERSION, JSON_FORMAT_VERSION,
+};
 pub use memory::{allocated_bytes, read_memory, write_memory, MemoryFileError};
 pub use state::*;
 

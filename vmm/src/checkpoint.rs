@@ -307,9 +307,10 @@ pub fn restore(dir: &Path, options: &RunOptions) -> Result<Outcome, VmmError> {
     });
     // The three phases back to back; a migration destination runs the first two as soon
     // as the Hello announces the VM and the third on Done.
-    let launched = prebuild(&state.machine, mem, &dir)?
-        .launch_paused(spec_json, api)?
-        .finish(state)?;
+    let staged = prebuild(&state.machine, mem, &dir)?.launch_paused(spec_json, api)?;
+    let mut laps = Laps::start();
+    let launched = staged.finish(state, &mut laps)?;
+    tracing::info!("VM build, phase three: {laps}");
     tracing::info!("restored {} from {}", launched.vm().name, dir.display());
     launched.resume()?;
     launched.run()
@@ -528,8 +529,9 @@ pub(crate) struct Staged {
 impl Staged {
     /// Phase three of a build (steps 7-8): `state` (whose machine must be the one the VM
     /// was built for) written into the launched VM, its TAP queues back in their TAPs; its
-    /// vCPUs stay paused until [`Launched::resume`].
-    pub(crate) fn finish(self, state: VmState) -> Result<Launched, VmmError> {
+    /// vCPUs stay paused until [`Launched::resume`]. Its steps are timed on `laps`, for the
+    /// caller to log (a migration does so only once the guest runs again).
+    pub(crate) fn finish(self, state: VmState, laps: &mut Laps) -> Result<Launched, VmmError> {
         let Staged { launched, taps } = self;
         let vm = launched.vm();
         let machine = &vm.config;
@@ -554,7 +556,6 @@ impl Staged {
                 vm.vcpus.len()
             )));
         }
-        let mut laps = Laps::start();
 
         // 6. Devices as the snapshot left them: the TAP queues back (only now: in a
         //    handover on one host, an attached queue would take its share of the guest's
@@ -600,7 +601,6 @@ impl Staged {
             lock(transport).resume();
         }
         laps.lap("resume queues");
-        tracing::info!("VM build, phase three: {laps}");
         Ok(launched)
     }
 }

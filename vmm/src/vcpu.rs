@@ -101,7 +101,8 @@ enum Command {
 #[derive(Debug, PartialEq, Eq)]
 enum Ack {
     Paused,
-    Resumed,
+    /// When the thread let the guest go, just before it enters `KVM_RUN` again.
+    Resumed(Instant),
 }
 
 /// Where a vCPU sends its exits and reports.
@@ -177,7 +178,7 @@ impl VcpuHandle {
             self.thread.kill(kick_signal()).map_err(VcpuError::Signal)?;
             match self.acks.recv_timeout(KICK_INTERVAL) {
                 Ok(Ack::Paused) => return Ok(()),
-                Ok(Ack::Resumed) => continue, // a stale answer to an earlier resume
+                Ok(Ack::Resumed(_)) => continue, // a stale answer to an earlier resume
                 Err(RecvTimeoutError::Timeout) if start.elapsed() < ACK_TIMEOUT => continue,
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(VcpuError::Timeout {
@@ -191,15 +192,15 @@ impl VcpuHandle {
         }
     }
 
-    /// Lets a paused vCPU run again.
-    pub fn resume(&self) -> Result<(), VcpuError> {
+    /// Lets a paused vCPU run again; returns when its thread let the guest go.
+    pub fn resume(&self) -> Result<Instant, VcpuError> {
         let index = self.index;
         self.commands
             .send(Command::Resume)
             .map_err(|_| VcpuError::Gone { index })?;
         loop {
             match self.acks.recv_timeout(ACK_TIMEOUT) {
-                Ok(Ack::Resumed) => return Ok(()),
+                Ok(Ack::Resumed(at)) => return Ok(at),
                 Ok(Ack::Paused) => continue,
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(VcpuError::Timeout {
@@ -460,7 +461,7 @@ impl Thread {
         match command {
             Command::Pause => self.paused(),
             Command::Resume => {
-                let _ = self.acks.send(Ack::Resumed);
+                let _ = self.acks.send(Ack::Resumed(Instant::now()));
             }
             Command::Throttle(percent) => self.set_throttle(percent),
             Command::Save(reply) => {
@@ -515,7 +516,7 @@ impl Thread {
                     let _ = self.acks.send(Ack::Paused);
                 }
                 Ok(Command::Resume) => {
-                    let _ = self.acks.send(Ack::Resumed);
+                    let _ = self.acks.send(Ack::Resumed(Instant::now()));
                     return;
                 }
                 Ok(Command::Throttle(percent)) => self.set_throttle(percent),
@@ -543,7 +544,7 @@ impl Thread {
                     let _ = self.acks.send(Ack::Paused);
                 }
                 Ok(Command::Resume) => {
-                    let _ = self.acks.send(Ack::Resumed);
+                    let _ = self.acks.send(Ack::Resumed(Instant::now()));
                 }
                 Ok(Command::Throttle(_)) => {}
                 Ok(Command::Save(reply)) => {

@@ -19,6 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use devices::legacy::{AcpiPower, SerialConsole, SerialOutput, I8042};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -777,16 +778,20 @@ impl Launched {
         &self.vm
     }
 
-    /// Lets the vCPUs of a VM launched paused run.
-    pub(crate) fn resume(&self) -> Result<(), VmmError> {
+    /// Lets the vCPUs of a VM launched paused run; returns when the last of their threads
+    /// let the guest go.
+    pub(crate) fn resume(&self) -> Result<Instant, VmmError> {
+        // Earlier than any of theirs.
+        let mut last = Instant::now();
         for vcpu in &self.vm.vcpus {
-            vcpu.resume().map_err(|e| VmmError::VcpuFailed {
+            let at = vcpu.resume().map_err(|e| VmmError::VcpuFailed {
                 index: vcpu.index(),
                 reason: e.to_string(),
             })?;
+            last = last.max(at);
         }
         self.running();
-        Ok(())
+        Ok(last)
     }
 
     fn running(&self) {

@@ -44,6 +44,8 @@ pub enum FrameType {
     Commit = 13,
     /// dst (version 2 on): every page and block of a round is written.
     RoundApplied = 14,
+    /// dst (version 3 on): the guest runs here, and since how long.
+    Running = 15,
 }
 
 impl FrameType {
@@ -65,6 +67,7 @@ impl FrameType {
             12 => Abort,
             13 => Commit,
             14 => RoundApplied,
+            15 => Running,
             _ => return None,
         })
     }
@@ -431,6 +434,11 @@ pub enum Frame<'a> {
     Ready,
     /// The source has stopped its VM for good.
     Commit,
+    /// The guest runs on the destination.
+    Running {
+        /// Microseconds from the guest's resume to the writing of this frame.
+        since_resume_us: u64,
+    },
     /// Giving up.
     Abort {
         /// Why.
@@ -455,6 +463,7 @@ impl<'a> Frame<'a> {
             Frame::Ready => FrameType::Ready,
             Frame::Commit => FrameType::Commit,
             Frame::RoundApplied { .. } => FrameType::RoundApplied,
+            Frame::Running { .. } => FrameType::Running,
             Frame::Abort { .. } => FrameType::Abort,
         }
     }
@@ -549,6 +558,7 @@ impl<'a> Frame<'a> {
             Frame::State { bytes } => p.extend_from_slice(bytes),
             Frame::Done { hash } => p.extend_from_slice(&hash.to_le_bytes()),
             Frame::RoundApplied { round } => put32(&mut p, *round),
+            Frame::Running { since_resume_us } => put64(&mut p, *since_resume_us),
             Frame::Ready | Frame::Commit => {}
         }
         if p.len() > kind.max_payload() {
@@ -660,6 +670,9 @@ impl<'a> Frame<'a> {
             FrameType::Commit => Frame::Commit,
             FrameType::RoundApplied => Frame::RoundApplied {
                 round: p.u32("round")?,
+            },
+            FrameType::Running => Frame::Running {
+                since_resume_us: p.u64("time since the resume")?,
             },
         };
         p.finish()?;

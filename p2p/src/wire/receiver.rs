@@ -3,6 +3,7 @@
 //! [`Sink`]. States: see [`super`].
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 use snapshot::VmState;
 
@@ -237,6 +238,24 @@ impl Receiver {
         self.fail_on_error(|_| write_frame(out, version, &Frame::Ready))?;
         self.phase = ReceiverPhase::AwaitCommit;
         Ok(())
+    }
+
+    /// Tells the source, after Commit, that the guest runs here and has for `since_resume`
+    /// (version 3 on; nothing to an older source): the last frame before the caller ends
+    /// its stream.
+    pub fn running(
+        &mut self,
+        out: &mut impl Write,
+        since_resume: Duration,
+    ) -> Result<(), WireError> {
+        if self.phase != ReceiverPhase::Committed {
+            return Err(WireError::Misuse("running() before Commit"));
+        }
+        if self.version < 3 {
+            return Ok(());
+        }
+        let since_resume_us = u64::try_from(since_resume.as_micros()).unwrap_or(u64::MAX);
+        write_frame(out, self.version, &Frame::Running { since_resume_us })
     }
 
     /// Tells the source to resume its VM (this side failed, e.g. could not resume); the

@@ -8,6 +8,7 @@
 //! for a round's RoundApplied ([`Sender::wait_applied`]).
 
 use std::io::{Read, Write};
+use std::time::Duration;
 
 use snapshot::VmState;
 
@@ -356,7 +357,7 @@ impl Sender {
             if state.memory.regions != s.config.regions {
                 return Err(WireError::StateMismatch("other memory regions"));
             }
-            let bytes = snapshot::encode(state)?;
+            let bytes = snapshot::encode_as(state, super::state_format(s.version))?;
             s.send(out, &Frame::State { bytes: &bytes })?;
             s.phase = SenderPhase::StateSent;
             Ok(())
@@ -393,6 +394,56 @@ impl Sender {
         // Whatever happens to the write, the destination may run the VM from now on.
         self.phase = SenderPhase::Complete;
         write_frame(out, self.version, &Frame::Commit)
+    }
+
+    /// What the destination sent after Commit before it ended its stream (`tail`, all of
+    /// it): from version 3 on, one Running frame, telling how long its guest had run by
+    /// then (`None` for an empty tail: the destination could not resume it, or the
+    /// version is older). `since_commit` is the time since Commit was written: a guest
+    /// cannot have run longer, and a value over it is refused.
+    pub fn running(
+        &self,
+        tail: &[u8],
+        since_commit: Duration,
+    ) -> Result<Option<Duration>, WireError> {
+        if self.phase != SenderPhase::Complete {
+            return Err(WireError::Misuse("running() before commit()"));
+        }
+        if tail.is_empty() {
+            return Ok(None);
+        }
+        let mut input = tail;
+        let mut payload = Vec::new();
+        let header = read_frame(&mut input, &mut payload)?;
+        if header.version != self.version || self.version < 3 {
+            return Err(WireError::WrongVersion {
+                kind: header.kind,
+                found: header.version,
+                agreed: self.version,
+            });
+        }
+        let Frame::Running { since_resume_us } = Frame::decode(header.kind, &payload)? else {
+            return Err(WireError::OutOfOrder {
+                frame: header.kind,
+                expected: "Running or the end of the stream".into(),
+            });
+        };
+        if !input.is_empty() {
+            return Err(WireError::Malformed {
+                kind: header.kind,
+                reason: format!("{} bytes after it", input.len()),
+            });
+        }
+        let ran = Duration::from_micros(since_resume_us);
+        if ran > since_commit {
+            return Err(WireError::Malformed {
+                kind: header.kind,
+                reason: format!(
+                    "the guest ran {ran:?} by its account, but Commit left only {since_commit:?} ago"
+                ),
+            });
+        }
+        Ok(Some(ran))
     }
 
     /// Tells the destination to discard everything; the source resumes its VM.

@@ -3,6 +3,7 @@
 //! fuzz target's body over pseudo-random and mutated input ([`fuzz_smoke`]).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use snapshot::{DriveConfig, MachineConfig, NetConfig};
 
@@ -68,12 +69,12 @@ fn handshake(config: &MigrationConfig) -> (Sender, Receiver) {
         .next(&mut &to_dst[..], &mut MemorySink::default())
         .unwrap();
     assert!(
-        matches!(&event, Event::Hello { version: 2, config: c } if c == config),
+        matches!(&event, Event::Hello { version: PROTOCOL_VERSION, config: c } if c == config),
         "{event:?}"
     );
     let mut to_src = Vec::new();
     rx.accept(&mut to_src).unwrap();
-    assert_eq!(tx.read_ack(&mut &to_src[..]).unwrap(), 2);
+    assert_eq!(tx.read_ack(&mut &to_src[..]).unwrap(), PROTOCOL_VERSION);
     (tx, rx)
 }
 
@@ -217,6 +218,74 @@ fn whole_migration() {
         Event::Commit
     ));
     assert_eq!(rx.phase(), ReceiverPhase::Committed);
+
+    // Running tells the source how long the guest has run here.
+    let mut tail = Vec::new();
+    rx.running(&mut tail, Duration::from_micros(7_250)).unwrap();
+    assert_eq!(tail.len(), HEADER_LEN + 8);
+    let ran = tx.running(&tail, Duration::from_millis(40)).unwrap();
+    assert_eq!(ran, Some(Duration::from_micros(7_250)));
+    assert_eq!(tx.running(&[], Duration::from_millis(40)).unwrap(), None);
+    assert_running_is_checked(&tx, &tail);
+}
+
+/// What `Sender::running` refuses in a tail after Commit, naming the problem.
+fn assert_running_is_checked(tx: &Sender, tail: &[u8]) {
+    let refused = |tail: &[u8], since_commit_ms| {
+        tx.running(tail, Duration::from_millis(since_commit_ms))
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        refused(tail, 5),
+        "malformed Running frame: the guest ran 7.25ms by its account, but Commit left only \
+         5ms ago"
+    );
+    assert_eq!(
+        refused(&[tail, tail].concat(), 40),
+        "malformed Running frame: 24 bytes after it"
+    );
+    assert_eq!(
+        refused(&tail[..20], 40),
+        "stream ended after 4 of 8 payload bytes of a Running frame"
+    );
+    let ready = enc(Frame::Ready);
+    assert_eq!(
+        refused(&ready, 40),
+        "Ready frame out of order: expected Running or the end of the stream"
+    );
+    let old = Frame::Running { since_resume_us: 1 }.encode_as(2).unwrap();
+    assert_eq!(
+        refused(&old, 40),
+        "Running frame of protocol version 2, the version agreed is 3"
+    );
+    let mut bad = tail.to_vec();
+    bad[HEADER_LEN] ^= 1;
+    assert!(refused(&bad, 40).contains("CRC"), "{}", refused(&bad, 40));
+}
+
+/// Running is for after Commit only, on either side.
+#[test]
+fn running_comes_after_commit() {
+    let mut tx = Sender::new(config()).unwrap();
+    tx.hello(&mut Vec::new()).unwrap();
+    let ack = Frame::HelloAck { version: 2 }.encode_as(2).unwrap();
+    tx.read_ack(&mut &ack[..]).unwrap();
+    let running = Frame::Running { since_resume_us: 1 }.encode_as(2).unwrap();
+    let err = tx.running(&running, Duration::from_secs(1)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "wire protocol misused: running() before commit()"
+    );
+
+    let mut rx = Receiver::new();
+    let err = rx
+        .running(&mut Vec::new(), Duration::from_millis(1))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "wire protocol misused: running() before Commit"
+    );
 }
 
 #[test]
@@ -273,4 +342,42 @@ fn round_zero_sends_no_zero_entries() {
 
 fn enc(frame: Frame<'_>) -> Vec<u8> {
     frame.encode().unwrap()
+}
+
+/// The State goes in the snapshot's binary format to a peer of version 3 or later and as
+/// JSON to an older one, which reads nothing else; a receiver reads either.
+#[test]
+fn the_state_is_binary_from_version_3_and_json_before() {
+    let state = vm_state(&config());
+    for version in MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION {
+        let mut tx = Sender::new(config()).unwrap();
+        tx.hello(&mut Vec::new()).unwrap();
+        let ack = Frame::HelloAck { version }.encode_as(version).unwrap();
+        assert_eq!(tx.read_ack(&mut &ack[..]).unwrap(), version);
+        tx.end_round(&mut Vec::new()).unwrap();
+        let mut frame = Vec::new();
+        tx.state(&mut frame, &state).unwrap();
+        let encoded = &frame[HEADER_LEN..];
+        let format = if version >= 3 { 3 } else { 2 };
+        assert_eq!(state_format(version), format);
+        assert_eq!(encoded[8..12], format.to_le_bytes(), "version {version}");
+        assert_eq!(snapshot::decode(encoded).unwrap().machine, state.machine);
+    }
+
+    for format in [snapshot::JSON_FORMAT_VERSION, snapshot::FORMAT_VERSION] {
+        let (mut tx, mut rx) = handshake(&config());
+        let mut wire = Vec::new();
+        tx.end_round(&mut wire).unwrap();
+        let bytes = snapshot::encode_as(&state, format).unwrap();
+        wire.extend_from_slice(&enc(Frame::State { bytes: &bytes }));
+        let mut input = &wire[..];
+        let mut sink = MemorySink::new(config());
+        let event = rx.next(&mut input, &mut sink).unwrap();
+        assert!(matches!(event, Event::RoundEnd { .. }), "{event:?}");
+        let event = rx.next(&mut input, &mut sink).unwrap();
+        assert!(
+            matches!(&event, Event::State(s) if s.machine == state.machine),
+            "format {format}: {event:?}"
+        );
+    }
 }

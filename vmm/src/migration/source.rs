@@ -379,7 +379,7 @@ impl Source {
         // The State's encoder, run once now on a stand-in rather than for the first time
         // inside the guest's pause (see `snapshot::rehearse`).
         let stand_in = VmState::stand_in(self.machine.clone(), self.regions.clone());
-        if let Err(e) = snapshot::encode(&stand_in) {
+        if let Err(e) = snapshot::encode_as(&stand_in, p2p::wire::state_format(version)) {
             tracing::debug!("encoding a stand-in state: {e}");
         }
         tracing::info!(
@@ -403,7 +403,8 @@ impl Source {
             out.bytes.saturating_sub(sent)
         };
         let mut per_round = Vec::new();
-        // Sends one round with `send`, and records what it carried.
+        // Sends one round with `send`, and records what it carried (logged by the caller:
+        // not inside the pause for the last one).
         let round =
             |per_round: &mut Vec<RoundReport>,
              sender: &mut Sender,
@@ -420,15 +421,19 @@ impl Source {
                     bytes: out.bytes - bytes,
                     ms: super::ms(start.elapsed()),
                 });
-                tracing::info!(
-                    "round {}: {} pages, {} blocks, {} bytes",
-                    stats.round,
-                    stats.pages,
-                    stats.blocks,
-                    out.bytes - bytes
-                );
                 Ok(())
             };
+        let logged = |per_round: &[RoundReport]| {
+            if let Some(r) = per_round.last() {
+                tracing::info!(
+                    "round {}: {} pages, {} blocks, {} bytes",
+                    r.round,
+                    r.pages,
+                    r.blocks,
+                    r.bytes
+                );
+            }
+        };
 
         // Step 2: tracking on, then round 0 reads everything.
         self.ask(ToVmm::StartDirty)?;
@@ -439,6 +444,7 @@ impl Source {
         round(&mut per_round, sender, out, &mut |s, o| {
             self.send_everything(s, o, &mut ahead)
         })?;
+        logged(&per_round);
 
         let mut data_mark = sender.data_bytes();
         let mut throttle = 0;
@@ -545,6 +551,7 @@ impl Source {
             round(&mut per_round, sender, out, &mut |s, o| {
                 self.send_pending(s, o, &taken, Some(&mut ahead))
             })?;
+            logged(&per_round);
         }
 
         // Step 5: stop-and-copy.
@@ -593,6 +600,7 @@ impl Source {
         // reaches the destination (a partial frame is discarded there): the guest may
         // still resume here. Once written, only its acknowledgement tells.
         self.progress(|p| p.phase = "commit");
+        let committing = Instant::now();
         sender.commit(out)?;
         let confirmed = out.confirm(input, COMMIT_WAIT, RESUME_WAIT);
         if self.commit_unacked {
@@ -600,9 +608,24 @@ impl Source {
                 "HOSPES_FAULT=commit-unacked: the acknowledgement of Commit ({confirmed:?}) is taken as lost"
             )));
         }
-        let resumed = confirmed.map_err(MigrationError::InDoubt)?;
-        let downtime = paused.elapsed();
-        if resumed {
+        let tail = confirmed.map_err(MigrationError::InDoubt)?;
+        let now = Instant::now();
+        // The downtime ends where the destination's guest resumed: the end of its stream,
+        // seen here, less how long the guest had run when it sent Running before that end
+        // (version 3 on). That end cannot arrive before it was sent, so this is an upper
+        // bound; without Running it is the end itself, a looser one.
+        let ran = match &tail {
+            Some(tail) => sender.running(tail, now - committing).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "the destination's word on when its guest resumed is not usable ({e}): \
+                         the downtime counts to the end of its stream"
+                );
+                None
+            }),
+            None => None,
+        };
+        let downtime = (now - paused).saturating_sub(ran.unwrap_or_default());
+        if tail.is_some() {
             laps.lap("Commit to destination resumed");
         } else {
             laps.lap("Commit acknowledged");
@@ -612,12 +635,16 @@ impl Source {
             );
         }
         tracing::info!(
-            "stop-and-copy: {laps}; last round {last_round_bytes} bytes, state {state_bytes} bytes, \
-             RTT {:.1} ms; expected {:.1} ms ({:.1} ms of it fixed)",
+            "stop-and-copy: {laps}; downtime {:.1} ms (the guest had run {:.1} ms on the \
+             destination when it ended its stream); last round {last_round_bytes} bytes, state \
+             {state_bytes} bytes, RTT {:.1} ms; expected {:.1} ms ({:.1} ms of it fixed)",
+            super::ms(downtime),
+            super::ms(ran.unwrap_or_default()),
             super::ms(conn.rtt()),
             super::ms(expected.downtime()),
             super::ms(expected.fixed),
         );
+        logged(&per_round);
         let (raw, sent) = sender.data_bytes();
         tracing::info!(
             "pages and blocks: {raw} bytes, {sent} on the wire ({:.2}x)",

@@ -30,6 +30,10 @@ fn describe(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The most the peer may send after Commit and before its stream's end, for
+/// [`StreamWriter::confirm`]: a Running frame is 24 bytes.
+pub(crate) const TAIL_MAX: usize = 256;
+
 /// Queued writes go to QUIC once this many bytes wait, or on `flush`.
 const SEND_AT: usize = 64 << 10;
 
@@ -88,21 +92,28 @@ impl StreamWriter {
     /// The acknowledgement may come first (a QUIC receiver sends it within `max_ack_delay`,
     /// 25 ms by default, of the bytes' arrival, whatever its application does): then this
     /// still waits up to `resume_wait` for the peer's end, which marks its guest running.
-    /// Returns whether that end was seen.
+    /// Returns what the peer sent before that end (at most [`TAIL_MAX`] bytes; more, or
+    /// a read error, counts as no end), or `None` if the end was not seen.
     pub(crate) fn confirm(
         &mut self,
         input: &mut StreamReader,
         wait: Duration,
         resume_wait: Duration,
-    ) -> Result<bool, String> {
+    ) -> Result<Option<Vec<u8>>, String> {
         self.send_queued().map_err(|e| e.to_string())?;
         self.stream.finish().map_err(|e| e.to_string())?;
         let (stream, recv) = (&mut self.stream, &mut input.stream);
         let peer_finished = async {
+            let mut tail = Vec::new();
             let mut buf = [0u8; 64];
-            match recv.read(&mut buf).await {
-                Ok(None) => (),
-                Ok(Some(_)) | Err(_) => std::future::pending().await,
+            loop {
+                match recv.read(&mut buf).await {
+                    Ok(None) => return tail,
+                    Ok(Some(n)) if tail.len() + n <= TAIL_MAX => {
+                        tail.extend_from_slice(&buf[..n]);
+                    }
+                    Ok(Some(_)) | Err(_) => std::future::pending().await,
+                }
             }
         };
         let acknowledged = async {
@@ -116,15 +127,13 @@ impl StreamWriter {
             tokio::pin!(peer_finished);
             let confirmed = async {
                 tokio::select! {
-                    () = &mut peer_finished => Ok(true),
-                    result = acknowledged => result.map(|()| false),
+                    tail = &mut peer_finished => Ok(Some(tail)),
+                    result = acknowledged => result.map(|()| None),
                 }
             };
             match tokio::time::timeout(wait, confirmed).await {
-                Ok(Ok(true)) => Ok(true),
-                Ok(Ok(false)) => Ok(tokio::time::timeout(resume_wait, peer_finished)
-                    .await
-                    .is_ok()),
+                Ok(Ok(Some(tail))) => Ok(Some(tail)),
+                Ok(Ok(None)) => Ok(tokio::time::timeout(resume_wait, peer_finished).await.ok()),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(format!("no acknowledgement within {wait:?}")),
             }

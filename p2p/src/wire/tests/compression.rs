@@ -29,7 +29,7 @@ fn frames(mut wire: &[u8]) -> Vec<Header> {
 fn compressible_pages_travel_compressed_and_arrive_intact() {
     let config = config();
     let (mut tx, mut rx) = handshake(&config);
-    assert_eq!(tx.version(), 2);
+    assert_eq!(tx.version(), PROTOCOL_VERSION);
     let mut wire = Vec::new();
     for i in 0..300 {
         tx.page(&mut wire, i * 4096, &text_page(i)).unwrap();
@@ -47,7 +47,7 @@ fn compressible_pages_travel_compressed_and_arrive_intact() {
             (FrameType::RoundEnd, false)
         ]
     );
-    assert!(headers.iter().all(|h| h.version == 2));
+    assert!(headers.iter().all(|h| h.version == PROTOCOL_VERSION));
     let (raw, sent) = tx.data_bytes();
     assert!(sent * 10 < raw, "{raw} bytes built, {sent} sent");
     assert!(wire.len() < 20_000, "{} bytes on the wire", wire.len());
@@ -196,7 +196,7 @@ fn bad_compressed_frames_are_refused_naming_the_problem() {
     // The frame itself is fine.
     let mut rx = Receiver::new();
     let mut sink = MemorySink::new(config());
-    let stream = [hello(), compressed_pages(2, &plain)].concat();
+    let stream = [hello(), compressed_pages(PROTOCOL_VERSION, &plain)].concat();
     let mut input = &stream[..];
     rx.next(&mut input, &mut sink).unwrap();
     rx.accept(&mut Vec::new()).unwrap();
@@ -209,22 +209,30 @@ fn bad_compressed_frames_are_refused_naming_the_problem() {
     let with_len = |len: u32, block: &[u8]| [&len.to_le_bytes()[..], block].concat();
     let cases = [
         (
-            flagged(2, FrameType::ZeroPages, &with_len(12, &block)),
+            flagged(
+                PROTOCOL_VERSION,
+                FrameType::ZeroPages,
+                &with_len(12, &block),
+            ),
             "unknown flags 0x01 on a ZeroPages frame".to_string(),
         ),
         (
-            flagged(2, FrameType::Pages, &[1, 0]),
+            flagged(PROTOCOL_VERSION, FrameType::Pages, &[1, 0]),
             "malformed Pages frame: compressed payload of 2 bytes has no length".to_string(),
         ),
         (
-            flagged(2, FrameType::Pages, &with_len(5 << 20, &block)),
+            flagged(
+                PROTOCOL_VERSION,
+                FrameType::Pages,
+                &with_len(5 << 20, &block),
+            ),
             "malformed Pages frame: compressed payload inflates to 5242880 bytes, over the \
              4194304 limit"
                 .to_string(),
         ),
         (
             flagged(
-                2,
+                PROTOCOL_VERSION,
                 FrameType::Pages,
                 &with_len(plain.len() as u32 + 8, &block),
             ),
@@ -236,7 +244,11 @@ fn bad_compressed_frames_are_refused_naming_the_problem() {
             ),
         ),
         (
-            flagged(2, FrameType::Pages, &with_len(4096, &[0xf0, 1, 2, 3])),
+            flagged(
+                PROTOCOL_VERSION,
+                FrameType::Pages,
+                &with_len(4096, &[0xf0, 1, 2, 3]),
+            ),
             "malformed Pages frame: LZ4 block: ".to_string(),
         ),
         (
@@ -245,7 +257,7 @@ fn bad_compressed_frames_are_refused_naming_the_problem() {
                 &plain,
             ]
             .concat(),
-            "Pages frame of protocol version 1, the version agreed is 2".to_string(),
+            "Pages frame of protocol version 1, the version agreed is 3".to_string(),
         ),
     ];
     for (frame, expected) in cases {
@@ -253,6 +265,10 @@ fn bad_compressed_frames_are_refused_naming_the_problem() {
         assert!(err.starts_with(&expected), "{err:?} is not {expected:?}");
     }
     // Too short an output for the block: the decoder stops, it does not write past it.
-    let err = refused(&[flagged(2, FrameType::Pages, &with_len(100, &block))]);
+    let err = refused(&[flagged(
+        PROTOCOL_VERSION,
+        FrameType::Pages,
+        &with_len(100, &block),
+    )]);
     assert!(err.starts_with("malformed Pages frame: "), "{err}");
 }

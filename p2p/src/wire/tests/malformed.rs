@@ -145,8 +145,8 @@ fn header_fields() {
         [&raw_header_for(version, code, flags, payload)[..], payload].concat()
     };
     assert_eq!(
-        refused(&[with(3, 4, 0)]).to_string(),
-        "protocol version 3 not supported (this build speaks 1..=2)"
+        refused(&[with(4, 4, 0)]).to_string(),
+        "protocol version 4 not supported (this build speaks 1..=3)"
     );
     assert!(matches!(
         refused(&[with(1, 0, 0)]),
@@ -371,7 +371,9 @@ fn frames_out_of_order() {
             "Pages frame out of order: expected Done".into(),
         ),
         (
-            vec![enc(Frame::HelloAck { version: 2 })],
+            vec![enc(Frame::HelloAck {
+                version: PROTOCOL_VERSION,
+            })],
             format!("HelloAck frame out of order: {round0}"),
         ),
         (
@@ -457,8 +459,12 @@ fn small_migration() -> Vec<u8> {
     tx.set_compression(false);
     let mut wire = Vec::new();
     tx.hello(&mut wire).unwrap();
-    tx.read_ack(&mut &enc(Frame::HelloAck { version: 2 })[..])
-        .unwrap();
+    tx.read_ack(
+        &mut &enc(Frame::HelloAck {
+            version: PROTOCOL_VERSION,
+        })[..],
+    )
+    .unwrap();
     tx.page(&mut wire, 0x3000, &page_of(1)).unwrap();
     tx.end_round(&mut wire).unwrap();
     tx.state(&mut wire, &vm_state(&config())).unwrap();
@@ -542,10 +548,10 @@ fn hello_is_checked() {
         }))
     };
     assert_eq!(
-        fuzz::run(&hello_with(3, 4, config()))
+        fuzz::run(&hello_with(4, 5, config()))
             .unwrap_err()
             .to_string(),
-        "peer speaks protocol versions 3..=4, this build speaks 1..=2"
+        "peer speaks protocol versions 4..=5, this build speaks 1..=3"
     );
     let err = fuzz::run(&hello_with(1, 0, config())).unwrap_err();
     assert!(
@@ -561,7 +567,13 @@ fn hello_is_checked() {
         )
         .unwrap();
     assert!(
-        matches!(event, Event::Hello { version: 2, .. }),
+        matches!(
+            event,
+            Event::Hello {
+                version: PROTOCOL_VERSION,
+                ..
+            }
+        ),
         "{event:?}"
     );
 
