@@ -4,8 +4,10 @@
 //! The payload's form depends on the format version in the header:
 //! - 3, what this build writes: postcard's compact binary form of the serde types, fields
 //!   in declaration order, kvm-bindings' structs as their bytes less trailing zeros (see
-//!   `hex`). A migration decodes the state inside the guest's pause: measured in the
-//!   test rig, encoding a 13.5 KB state as JSON took about 3.7 ms of the source's CPU.
+//!   `hex`). A migration encodes and decodes the state inside the guest's pause. For
+//!   the test rig's one-vCPU guest it is 6.4 KB against 13.5 KB of JSON; on a stand-in
+//!   state, natively, encoding takes 6.6 µs against 84 and decoding 15 µs against 131
+//!   (under the rig's emulation a warm JSON decode of the real state took about 2 ms).
 //! - 2: JSON, kvm-bindings' structs as hex strings. Written only for a peer that reads
 //!   nothing newer ([`encode_as`], a migration to an older hospes).
 //! - 1: JSON, those structs as arrays of byte values. Read, never written.

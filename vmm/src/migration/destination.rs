@@ -238,7 +238,7 @@ pub fn receive(options: &ReceiveOptions) -> Result<Outcome, VmmError> {
     // source that Commit arrived and the guest runs (often before QUIC's acknowledgement
     // does). The source takes the Running time off its own measure of the downtime: on a
     // busy host the resumed guest competes with this thread and the connection's for the
-    // CPU, and the stream's end leaves later than the guest resumed (3 to 25 ms in the
+    // CPU, and the stream's end leaves later than the guest resumed (12 to 26 ms in the
     // test rig, with one CPU). A vCPU that cannot resume (its thread is gone) leaves the
     // VM here, stopped: the error says so, and the drive images stay for whoever looks.
     let resumed = launched.resume();

@@ -52,9 +52,9 @@
 //!    paused before Ready) and sent Running, with the time since they went (protocol
 //!    version 3 on). The downtime ends at their resume: from the source's pause to the
 //!    end of that stream, less the Running time, an upper bound (the end cannot arrive
-//!    before it was sent). Measured in the test rig, the resumed guest kept the
-//!    destination's one CPU for 3 to 25 ms before the end left; the source's figure
-//!    counted them until version 3. Then the source stops (exit with
+//!    before it was sent). Measured in the test rig (one CPU), the end left 12 to 26 ms
+//!    after the guest resumed, of which Running took 4 to 15 off; the source's figure
+//!    counted all of it until version 3. Then the source stops (exit with
 //!    [`crate::vm::Outcome::Migrated`]).
 //!
 //! Any failure before Commit (refused, connection lost, destination killed, a bad or
