@@ -32,7 +32,7 @@ fn describe(error: &dyn std::error::Error) -> String {
 
 /// The most the peer may send after Commit and before its stream's end, for
 /// [`StreamWriter::confirm`]: a Running frame is 24 bytes.
-pub(crate) const TAIL_MAX: usize = 256;
+const TAIL_MAX: usize = 256;
 
 /// Queued writes go to QUIC once this many bytes wait, or on `flush`.
 const SEND_AT: usize = 64 << 10;
